@@ -1,0 +1,46 @@
+"""The `bat-jax` command line: one subcommand per job.
+
+Each subcommand lives in its own module, which provides `add_parser(subparsers)` returning the
+parser it added (with `func` set to the function that runs it: `func(args) -> int` exit status).
+Modules are imported lazily so `bat-jax --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand name -> module that defines add_parser(subparsers)
+SUBCOMMANDS = {
+    "prepare": "bat_jax.data.prepare",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bat-jax",
+        description=(
+            "BAT (Better Audio Transformer) and CGP (Convex Gated Probing) in JAX.\n\n"
+            "Run `bat-jax SUBCOMMAND --help` for what each subcommand reads and writes."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from bat_jax import __version__
+
+    parser.add_argument("--version", action="version", version=f"bat-jax {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
+    sub.required = True
+    for name, module in SUBCOMMANDS.items():
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Spectrogram shards, the `prepare` command and the Grain input pipelines."""

@@ -1,0 +1,1 @@
+"""bat_jax.probe"""
