@@ -1,0 +1,536 @@
+"""Probe heads on frozen encoder features: CGP and the baselines LCGP, H2T, LP and ProtoBin.
+
+Every probe reads the encoder's per-block outputs (see ``bat_jax.models.encoder``):
+
+* ``cls``     [L, B, D]        the CLS token after each of the L blocks,
+* ``patches`` [L, B, T, F, D]  the patch tokens after each block (T time patches, F frequency patches),
+
+and returns logits [B, C] (clip-level) or [B, T, C] (frame-wise, for sound event detection).
+Usage::
+
+    probe = make_probe("cgp", num_classes=527, num_layers=12, dim=768, num_prototypes=10_000)
+    params = init_params(probe, jax.random.key(0))
+    logits = probe.apply({"params": params}, out.cls, out.patches)          # eval: dropout off
+    logits = probe.apply({"params": params}, out.cls, out.patches, deterministic=False,
+                         rngs={"dropout": key})                                # training
+    layer_gates(params)                                                        # [L] convex layer gate
+
+Behaviour follows the official BAT code (``models/heads.py``), checked against its outputs in
+tests/test_probes.py; ``from_reference`` imports its weights. Parameters carry logical axis names
+(``nn.with_logical_partitioning``) so large probes (K = 10,000 prototypes) can be sharded by a rules table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+DType = Any
+PrecisionLike = Any
+
+_WHERE = "bat_jax/models/probes.py"
+NORM_EPS = 1e-12  # floor on the L2 norm, as torch.nn.functional.normalize
+POOLINGS = ("cls", "patch_avg", "frame")
+
+# Logical axis names of the parameters (mapped to mesh axes by the sharding rules in the config).
+AXES_LAYERS = ("layers",)
+AXES_PROTOTYPES = ("prototypes", "embed")
+AXES_KERNEL = ("features", "classes")
+AXES_BIAS = ("classes",)
+AXES_NORM = ("features",)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure building blocks
+
+
+def l2_normalize(x: Array, axis: int = -1, eps: float = NORM_EPS) -> Array:
+    """x / max(‖x‖₂, eps) along ``axis`` (torch's F.normalize); finite gradient at x = 0."""
+    sum_sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+    return x / jnp.sqrt(jnp.maximum(sum_sq, eps * eps))
+
+
+def gate_weights(gate_logits: Array) -> Array:
+    """Convex layer weights α = softmax(a): α ≥ 0, Σ α = 1.  [L] -> [L]"""
+    return jax.nn.softmax(gate_logits.astype(jnp.float32))
+
+
+def mix_layers(weights: Array, x: Array) -> Array:
+    """Σ_l w_l x_l over the leading layer axis.  w [L], x [L, ...] -> [...]"""
+    w = weights.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.sum(w * x, axis=0)
+
+
+def binarize_ste(x: Array) -> Array:
+    """Sign (+1 where x ≥ 0, else −1) forward, identity gradient backward (straight-through estimator).
+
+    Written as ``sign + (x − stop_gradient(x))`` so the forward value is exactly ±1.
+    """
+    sign = jnp.where(x >= 0, 1.0, -1.0).astype(x.dtype)
+    return sign + (x - jax.lax.stop_gradient(x))
+
+
+def min_mid_max(sim: Array, axes: tuple[int, ...], mid: Array | None = None) -> Array:
+    """Per-prototype [min, mid, max] over token ``axes``; ``mid`` defaults to the mean.
+
+    sim [..., K] -> [..., 3K] with the 3 statistics of each prototype adjacent (k0_min, k0_mid, k0_max,
+    k1_min, ...): the column order of the reference's fc weight.
+    """
+    lo = jnp.min(sim, axis=axes)
+    hi = jnp.max(sim, axis=axes)
+    mid = jnp.mean(sim, axis=axes) if mid is None else mid
+    stacked = jnp.stack([lo, mid, hi], axis=-1)  # [..., K, 3]
+    return stacked.reshape(stacked.shape[:-2] + (3 * stacked.shape[-2],))
+
+
+def group_lasso_penalty(params: Mapping[str, Any], *, layer_dim: int | None = None) -> Array:
+    """Head2Toe group-lasso penalty of the fc kernel [in, C] (reference: ``compute_group_lasso_penalty``).
+
+    layer_dim None (reference default): one group per input feature, Σ_j ‖W_j,:‖₂ · √C.
+    layer_dim = D ("layer-wise lasso"): one group per layer's D features, Σ_g ‖W_g + 1e-8‖_F · √D.
+    The reference's ``group_scale`` buffer is this √(group size). Add ``lasso_weight * penalty`` to the loss.
+    """
+    kernel = _unbox_params(params)["fc"]["kernel"].astype(jnp.float32)  # [in, C]
+    fan_in, num_classes = kernel.shape
+    if layer_dim is None:
+        return jnp.sum(_safe_norm(kernel, axis=(1,))) * math.sqrt(num_classes)
+    if fan_in % layer_dim:
+        raise ValueError(
+            f"group_lasso_penalty ({_WHERE}): fc kernel has {fan_in} input features, expected a multiple "
+            f"of layer_dim={layer_dim}"
+        )
+    groups = kernel.reshape(fan_in // layer_dim, layer_dim, num_classes) + 1e-8  # [L, D, C]
+    return jnp.sum(_safe_norm(groups, axis=(1, 2))) * math.sqrt(layer_dim)
+
+
+def _safe_norm(x: Array, axis: tuple[int, ...]) -> Array:
+    """L2 norm with gradient 0 (not NaN) at the zero vector, as torch."""
+    sq = jnp.sum(jnp.square(x), axis=axis)
+    positive = sq > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Initialisers (torch nn.Linear defaults, so a fresh probe starts like the reference's)
+
+
+def _torch_linear_kernel_init() -> Callable:
+    """U(−1/√fan_in, 1/√fan_in) (kaiming_uniform with a=√5)."""
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _torch_linear_bias_init(fan_in: int) -> Callable:
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: Array, shape: tuple[int, ...], dtype: DType = jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+# ----------------------------------------------------------------------------------------------------
+# Modules
+
+
+class _Probe(nn.Module):
+    """Shared fields and helpers (not a probe by itself)."""
+
+    num_classes: int
+    num_layers: int
+    dim: int
+    dropout_rate: float = 0.2
+    dtype: DType = jnp.float32  # compute dtype; inputs (e.g. bf16 encoder outputs) are cast to it
+    param_dtype: DType = jnp.float32
+    precision: PrecisionLike = None  # matmul precision (e.g. "highest" for float32 parity on TPU)
+
+    def _cls(self, cls: Array | None) -> Array:
+        name = type(self).__name__
+        if cls is None:
+            raise ValueError(f"{name} ({_WHERE}): needs the CLS tokens [L, B, D], got None")
+        if cls.ndim != 3 or cls.shape[0] != self.num_layers or cls.shape[-1] != self.dim:
+            raise ValueError(
+                f"{name} ({_WHERE}): expected cls [L={self.num_layers}, B, D={self.dim}], "
+                f"found shape {tuple(cls.shape)}"
+            )
+        return jnp.asarray(cls, self.dtype)
+
+    def _patches(self, patches: Array | None) -> Array:
+        name = type(self).__name__
+        if patches is None:
+            raise ValueError(f"{name} ({_WHERE}): needs the patch tokens [L, B, T, F, D], got None")
+        if patches.ndim != 5 or patches.shape[0] != self.num_layers or patches.shape[-1] != self.dim:
+            raise ValueError(
+                f"{name} ({_WHERE}): expected patches [L={self.num_layers}, B, T, F, D={self.dim}], "
+                f"found shape {tuple(patches.shape)}"
+            )
+        return jnp.asarray(patches, self.dtype)
+
+    def _check_pooling(self, pooling: str) -> None:
+        if pooling not in POOLINGS:
+            raise ValueError(
+                f"{type(self).__name__} ({_WHERE}): pooling must be one of {POOLINGS}, found {pooling!r}"
+            )
+
+    def _gate_logits(self, init: Callable) -> Array:
+        return self.param(
+            "gate_logits",
+            nn.with_logical_partitioning(init, AXES_LAYERS),
+            (self.num_layers,),
+            self.param_dtype,
+        )
+
+    def _prototypes(self, num_prototypes: int) -> Array:
+        init = nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), AXES_PROTOTYPES)
+        return self.param("prototypes", init, (num_prototypes, self.dim), self.param_dtype)  # [K, D]
+
+    def _norm(self, x: Array, use_norm: bool, eps: float) -> Array:
+        if not use_norm:
+            return x
+        ln = nn.LayerNorm(
+            epsilon=eps,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            use_fast_variance=False,
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones, AXES_NORM),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, AXES_NORM),
+            name="ln",
+        )
+        return ln(x)
+
+    def _classify(self, x: Array, deterministic: bool) -> Array:
+        """dropout -> linear; logits in float32.  [..., in] -> [..., C]"""
+        x = nn.Dropout(rate=self.dropout_rate, name="dropout")(x, deterministic=deterministic)
+        fc = nn.Dense(
+            self.num_classes,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            kernel_init=nn.with_logical_partitioning(_torch_linear_kernel_init(), AXES_KERNEL),
+            bias_init=nn.with_logical_partitioning(_torch_linear_bias_init(x.shape[-1]), AXES_BIAS),
+            name="fc",
+        )
+        return fc(x).astype(jnp.float32)
+
+    def _similarities(self, x: Array, prototypes_hat: Array) -> Array:
+        """Cosine similarities of (unit) tokens with unit prototypes.  x [..., D], P̂ [K, D] -> [..., K]"""
+        return jnp.einsum("...d,kd->...k", x, prototypes_hat.astype(self.dtype), precision=self.precision)
+
+
+class ConvexGatedProbe(_Probe):
+    """CGP (PAPER.md §1.2): convex layer gate over L2-normalised tokens, K shared prototypes,
+    per-prototype [min, CLS, max] similarity pooling, dropout, linear.
+
+    pooling="cls":       [min_N, CLS, max_N] over all patches -> logits [B, C]
+    pooling="patch_avg": [min_N, mean_N, max_N] (no CLS)      -> logits [B, C]
+    pooling="frame":     [min_F, mean_F, max_F] over the frequency patches of each time patch
+                         -> logits [B, T, C] (sound event detection)
+    The mixed tokens are not re-normalised after gating (as the reference).
+    """
+
+    num_prototypes: int = 10_000
+    pooling: str = "cls"
+
+    @nn.compact
+    def __call__(self, cls: Array | None, patches: Array, *, deterministic: bool = True) -> Array:
+        self._check_pooling(self.pooling)
+        alpha = gate_weights(self._gate_logits(nn.initializers.ones))  # [L]
+        prototypes_hat = l2_normalize(self._prototypes(self.num_prototypes))  # [K, D]
+
+        z = mix_layers(alpha, l2_normalize(self._patches(patches)))  # [B, T, F, D]
+        sim = self._similarities(z, prototypes_hat)  # [B, T, F, K]
+        sim = nn.with_logical_constraint(sim, ("batch", None, None, "prototypes"))
+
+        if self.pooling == "frame":
+            feats = min_mid_max(sim, axes=(2,))  # [B, T, 3K]
+        elif self.pooling == "patch_avg":
+            feats = min_mid_max(sim, axes=(1, 2))  # [B, 3K]
+        else:
+            o = mix_layers(alpha, l2_normalize(self._cls(cls)))  # [B, D]
+            feats = min_mid_max(sim, axes=(1, 2), mid=self._similarities(o, prototypes_hat))  # [B, 3K]
+        return self._classify(feats, deterministic)
+
+
+class _TokenProbe(_Probe):
+    """Fields of the token (non-prototype) probes LCGP, H2T and LP."""
+
+    pooling: str = "cls"  # "cls", "patch_avg" (mean patch token) or "frame" (frequency-mean per time patch)
+    use_norm: bool = True  # LayerNorm before the linear layer (the reference configs' head_norm: true)
+    norm_eps: float = 1e-6
+
+
+class LinearGatedProbe(_TokenProbe):
+    """LCGP: convex (softmax) mix of the raw, un-normalised CLS tokens across layers (gate logits init 0),
+    optional LayerNorm, dropout, linear. pooling="patch_avg" mixes each layer's mean patch token instead;
+    pooling="frame" each layer's frequency-mean patch token per time patch (logits [B, T, C])."""
+
+    @nn.compact
+    def __call__(
+        self, cls: Array | None, patches: Array | None = None, *, deterministic: bool = True
+    ) -> Array:
+        self._check_pooling(self.pooling)
+        alpha = gate_weights(self._gate_logits(nn.initializers.zeros))  # [L]
+        x = _layer_tokens(self, self.pooling, cls, patches)  # [L, B, D] or [L, B, T, D]
+        x = mix_layers(alpha, x)  # [B, D] or [B, T, D]
+        return self._classify(self._norm(x, self.use_norm, self.norm_eps), deterministic)
+
+
+class Head2ToeProbe(_TokenProbe):
+    """H2T: all layers' CLS tokens concatenated layer-major ([B, L·D]), optional LayerNorm, dropout, linear.
+    Train with ``group_lasso_penalty``. pooling "patch_avg" / "frame" as in LinearGatedProbe."""
+
+    @nn.compact
+    def __call__(
+        self, cls: Array | None, patches: Array | None = None, *, deterministic: bool = True
+    ) -> Array:
+        self._check_pooling(self.pooling)
+        x = _layer_tokens(self, self.pooling, cls, patches)  # [L, B, D] or [L, B, T, D]
+        x = jnp.moveaxis(x, 0, -2)  # [B, L, D] or [B, T, L, D]
+        x = x.reshape(x.shape[:-2] + (self.num_layers * self.dim,))  # [B, L·D] or [B, T, L·D]
+        return self._classify(self._norm(x, self.use_norm, self.norm_eps), deterministic)
+
+
+class LinearProbe(_TokenProbe):
+    """LP: the last layer's CLS token, optional LayerNorm, dropout, linear. pooling "patch_avg" uses the
+    last layer's mean patch token, "frame" its frequency-mean patch token per time patch."""
+
+    @nn.compact
+    def __call__(
+        self, cls: Array | None, patches: Array | None = None, *, deterministic: bool = True
+    ) -> Array:
+        self._check_pooling(self.pooling)
+        x = _layer_tokens(self, self.pooling, cls, patches)[-1]  # [B, D] or [B, T, D]
+        return self._classify(self._norm(x, self.use_norm, self.norm_eps), deterministic)
+
+
+class ProtoBinProbe(_Probe):
+    """ProtoBin (PB): last-layer patch tokens, K prototypes binarised to ±1 (straight-through gradient),
+    cosine similarity, max over all patches (or over the frequency patches of each time patch when
+    frame_wise: logits [B, T, C]), dropout, linear."""
+
+    num_prototypes: int = 10_000
+    frame_wise: bool = False
+
+    @nn.compact
+    def __call__(self, cls: Array | None, patches: Array, *, deterministic: bool = True) -> Array:
+        del cls  # PB reads the patch tokens only
+        prototypes_hat = l2_normalize(binarize_ste(self._prototypes(self.num_prototypes)))  # [K, D]
+        x = l2_normalize(self._patches(patches)[-1])  # [B, T, F, D]
+        sim = self._similarities(x, prototypes_hat)  # [B, T, F, K]
+        sim = nn.with_logical_constraint(sim, ("batch", None, None, "prototypes"))
+        feats = jnp.max(sim, axis=2 if self.frame_wise else (1, 2))  # [B, T, K] or [B, K]
+        return self._classify(feats, deterministic)
+
+
+def _layer_tokens(probe: _Probe, pooling: str, cls: Array | None, patches: Array | None) -> Array:
+    """One token per layer (and per time patch when frame-wise): [L, B, D] or [L, B, T, D]."""
+    if pooling == "cls":
+        return probe._cls(cls)
+    x = probe._patches(patches)  # [L, B, T, F, D]
+    return jnp.mean(x, axis=(2, 3) if pooling == "patch_avg" else 3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Factory, initialisation, gates, weight import
+
+_REGISTRY: dict[str, tuple[type[_Probe], dict[str, Any]]] = {
+    "cgp": (ConvexGatedProbe, {"pooling": "cls"}),
+    "cgp_patch_avg": (ConvexGatedProbe, {"pooling": "patch_avg"}),
+    "cgp_frame": (ConvexGatedProbe, {"pooling": "frame"}),
+    "lcgp": (LinearGatedProbe, {}),
+    "h2t": (Head2ToeProbe, {}),
+    "lp": (LinearProbe, {}),
+    "protobin": (ProtoBinProbe, {}),
+}
+PROBE_NAMES = tuple(_REGISTRY)
+
+
+def make_probe(name: str, num_classes: int, num_layers: int, dim: int, **kw: Any) -> _Probe:
+    """Build a probe by name: "cgp", "cgp_patch_avg", "cgp_frame", "lcgp", "h2t", "lp", "protobin".
+
+    Extra keyword arguments set module fields (num_prototypes, dropout_rate, pooling, use_norm, norm_eps,
+    frame_wise, dtype, param_dtype, precision).
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"make_probe ({_WHERE}): unknown probe {name!r}, expected one of {PROBE_NAMES}")
+    cls, preset = _REGISTRY[name]
+    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+    unknown = sorted(set(kw) - fields)
+    if unknown:
+        raise TypeError(
+            f"make_probe ({_WHERE}): {name!r} has no field(s) {unknown}; fields: {sorted(fields)}"
+        )
+    return cls(num_classes=num_classes, num_layers=num_layers, dim=dim, **{**preset, **kw})
+
+
+def dummy_inputs(probe: _Probe, batch: int = 1, time_patches: int = 1, freq_patches: int = 8) -> tuple:
+    """Zero (cls [L, B, D], patches [L, B, T, F, D]) of the probe's sizes, for init / eval_shape."""
+    cls = jnp.zeros((probe.num_layers, batch, probe.dim), probe.dtype)
+    patches = jnp.zeros((probe.num_layers, batch, time_patches, freq_patches, probe.dim), probe.dtype)
+    return cls, patches
+
+
+def init_params(probe: _Probe, rng: Array, *, boxed: bool = False) -> dict[str, Any]:
+    """Fresh parameters (the inner "params" dict). boxed=True keeps the nn.Partitioned logical-axis
+    metadata (for ``nn.get_partition_spec`` / ``nn.logical_to_mesh_sharding``)."""
+    variables = jax.jit(probe.init)(rng, *dummy_inputs(probe))
+    return variables["params"] if boxed else nn.unbox(variables["params"])
+
+
+def param_logical_axes(probe: _Probe) -> dict[str, Any]:
+    """PartitionSpec of logical axis names for every parameter (no arrays are allocated)."""
+    boxed = jax.eval_shape(lambda k: probe.init(k, *dummy_inputs(probe)), jax.random.key(0))
+    return nn.get_partition_spec(boxed)["params"]
+
+
+def _unbox_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    params = nn.unbox(params)
+    return params["params"] if "params" in params else params
+
+
+def layer_gates(params: Mapping[str, Any]) -> Array:
+    """Convex layer gate α = softmax(gate_logits) [L] of a CGP / LCGP probe (params or {"params": ...})."""
+    p = _unbox_params(params)
+    if "gate_logits" not in p:
+        raise KeyError(
+            f"layer_gates ({_WHERE}): expected 'gate_logits' in the probe params (CGP, LCGP), "
+            f"found keys {sorted(p)}"
+        )
+    return gate_weights(p["gate_logits"])
+
+
+# Reference (torch) head keys -> our parameter path, and buffers that carry no learned state.
+_REF_KEYS = {
+    "block_attention": ("gate_logits",),
+    "prototype_vectors": ("prototypes",),
+    "fc.weight": ("fc", "kernel"),
+    "fc.bias": ("fc", "bias"),
+    "ln.weight": ("ln", "scale"),
+    "ln.bias": ("ln", "bias"),
+}
+_REF_LAYOUT = {  # torch layout (for messages) and rank once converted
+    "block_attention": ("[L]", 1),
+    "prototype_vectors": ("[K, D, 1, 1]", 2),
+    "fc.weight": ("[C, in]", 2),
+    "fc.bias": ("[C]", 1),
+    "ln.weight": ("[in]", 1),
+    "ln.bias": ("[in]", 1),
+}
+_REF_BUFFERS = {"group_scale"}  # H2T: √(group size), recomputed by group_lasso_penalty
+_REF_REQUIRED = {
+    "cgp": {"block_attention", "prototype_vectors", "fc.weight", "fc.bias"},
+    "lcgp": {"block_attention", "fc.weight", "fc.bias"},
+    "h2t": {"fc.weight", "fc.bias"},
+    "lp": {"fc.weight", "fc.bias"},
+    "protobin": {"prototype_vectors", "fc.weight", "fc.bias"},
+}
+_REF_NORM = {"ln.weight", "ln.bias"}  # optional LayerNorm of LCGP, H2T, LP (head_norm)
+
+
+def from_reference(
+    name: str,
+    arrays: Mapping[str, Any],
+    *,
+    prefix: str = "",
+    like: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Convert a reference (PyTorch) head's weights into this module's params.
+
+    arrays: torch-layout tensors as numpy arrays, keyed as in the head's state dict
+    (``prototype_vectors`` [K, D, 1, 1], ``block_attention`` [L], ``fc.weight`` [C, in], ``fc.bias`` [C],
+    ``ln.weight`` / ``ln.bias``); with ``prefix`` (e.g. "head.") only keys starting with it are read.
+    like: optional params (or ``jax.eval_shape`` of them) whose shapes the result must match.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"from_reference ({_WHERE}): unknown probe {name!r}, expected one of {PROBE_NAMES}")
+    family = "cgp" if name.startswith("cgp") else name
+    found = {k[len(prefix) :]: np.asarray(v) for k, v in arrays.items() if k.startswith(prefix)}
+    required = _REF_REQUIRED[family]
+    optional = (_REF_NORM if family in ("lcgp", "h2t", "lp") else set()) | _REF_BUFFERS
+    missing = sorted(required - set(found))
+    unknown = sorted(set(found) - required - optional)
+    if missing or unknown:
+        raise KeyError(
+            f"from_reference ({_WHERE}): {name!r} expects keys {sorted(required)} (optional "
+            f"{sorted(optional)}); missing {missing}, unexpected {unknown}"
+        )
+    if len(_REF_NORM & set(found)) == 1:
+        raise KeyError(f"from_reference ({_WHERE}): {name!r} needs both ln.weight and ln.bias, or neither")
+
+    converted: dict[tuple[str, ...], np.ndarray] = {}
+    for key, value in found.items():
+        if key in _REF_BUFFERS:
+            continue
+        if key == "prototype_vectors" and value.ndim == 4 and value.shape[2:] == (1, 1):
+            value = value[:, :, 0, 0]  # 1×1 conv kernel [K, D, 1, 1] -> [K, D]
+        layout, rank = _REF_LAYOUT[key]
+        if value.ndim != rank:
+            raise ValueError(
+                f"from_reference ({_WHERE}): {name!r} key {key!r} expected {layout}, found shape "
+                f"{found[key].shape}"
+            )
+        converted[_REF_KEYS[key]] = value.T if key == "fc.weight" else value  # fc: [C, in] -> [in, C]
+
+    want = _implied_shapes(family, converted)
+    if like is not None:
+        flat_like = {
+            tuple(getattr(k, "key", k) for k in path): leaf.shape
+            for path, leaf in jax.tree_util.tree_leaves_with_path(_unbox_params(like))
+        }
+        if set(flat_like) != set(converted):
+            raise KeyError(
+                f"from_reference ({_WHERE}): {name!r} converts to params {sorted(converted)}, the probe "
+                f"has {sorted(flat_like)} (LayerNorm present in one and not the other?)"
+            )
+        want.update(flat_like)
+    for path, shape in want.items():
+        if tuple(converted[path].shape) != tuple(shape):
+            key = next(k for k, v in _REF_KEYS.items() if v == path)
+            found_shape, want_shape = _torch_shape(key, converted[path]), _torch_shape(key, np.empty(shape))
+            raise ValueError(
+                f"from_reference ({_WHERE}): {name!r} key {key!r} has shape {found_shape}, "
+                f"expected {want_shape}"
+            )
+
+    params: dict[str, Any] = {}
+    for path, value in converted.items():
+        node = params
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = jnp.asarray(value, jnp.float32)
+    return params
+
+
+def _implied_shapes(family: str, converted: dict[tuple[str, ...], np.ndarray]) -> dict[tuple, tuple]:
+    """Shapes each weight must have given the others (our layout): the fc input width is 3K for CGP,
+    K for PB and the LayerNorm width when there is one; the bias has one entry per class."""
+    num_classes = converted[("fc", "bias")].shape[0]
+    fan_in = converted[("fc", "kernel")].shape[0]
+    want: dict[tuple, tuple] = {("fc", "bias"): (num_classes,)}
+    if ("prototypes",) in converted:
+        num_prototypes, dim = converted[("prototypes",)].shape
+        fan_in = 3 * num_prototypes if family == "cgp" else num_prototypes
+        want[("prototypes",)] = (num_prototypes, dim)
+    if ("ln", "scale") in converted:
+        fan_in = converted[("ln", "scale")].shape[0]
+        want[("ln", "scale")] = want[("ln", "bias")] = (fan_in,)
+    want[("fc", "kernel")] = (fan_in, num_classes)
+    if ("gate_logits",) in converted:
+        want[("gate_logits",)] = (converted[("gate_logits",)].shape[0],)
+    return want
+
+
+def _torch_shape(key: str, value: np.ndarray) -> tuple[int, ...]:
+    """A converted array's shape in the reference's layout, for error messages."""
+    if key == "fc.weight":
+        return tuple(reversed(value.shape))
+    if key == "prototype_vectors" and value.ndim == 2:
+        return (*value.shape, 1, 1)
+    return tuple(value.shape)
