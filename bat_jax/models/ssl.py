@@ -1,0 +1,177 @@
+"""Pieces of BAT's self-supervised objective (data2vec 2.0 style) that need no network: teacher targets,
+the global + local losses, variance metrics and the EMA teacher update. All are pure jnp functions.
+
+Conventions: B clips, V views per clip, N patch tokens, D features, L teacher layers. Student rows are
+clip-major (row ``b · V + v`` is view v of clip b, see ``bat_jax.models.masking``); teacher arrays have one
+row per clip and are broadcast over the views, never materialised V times. Every loss and target is
+computed in float32, whatever the dtype of the network outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+PyTree = Any
+
+_WHERE = "bat_jax/models/ssl.py"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Teacher targets
+
+
+def _normalize(x: Array, axis: int, eps: float) -> Array:
+    """(x − mean) / sqrt(var + eps) along ``axis``, biased variance, no affine parameters."""
+    mean = jnp.mean(x, axis=axis, keepdims=True)
+    var = jnp.var(x, axis=axis, keepdims=True)  # biased (ddof 0), as torch's correction=0
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def ssl_targets(
+    layer_outputs: Array,
+    eps: float = 1e-6,
+    instance_norm: bool = True,
+    layer_norm: bool = True,
+) -> Array:
+    """Teacher targets [B, N, D] from per-layer patch tokens ``layer_outputs`` [L, B, N, D] (CLS excluded).
+
+    Each layer is instance-normalised over the tokens (per clip and channel: mean and biased variance over
+    N), the layers are averaged, and the average is normalised over the features (a layer norm without
+    affine parameters). Both norms put ``eps`` inside the square root; the reference uses 1e-6 for both.
+
+    The function takes whatever per-layer outputs it is given: BAT feeds each block's complete output (EOB);
+    the EAT / data2vec 2.0 variant feeds each block's FFN output before the residual add. The choice is the
+    caller's (the encoder), not this function's.
+    """
+    if layer_outputs.ndim != 4:
+        raise ValueError(
+            f"ssl_targets ({_WHERE}): expected layer outputs [L, B, N, D], found shape {layer_outputs.shape}"
+        )
+    y = layer_outputs.astype(jnp.float32)  # [L, B, N, D]
+    if instance_norm:
+        y = _normalize(y, axis=2, eps=eps)  # over tokens N
+    y = jnp.mean(y, axis=0)  # [B, N, D]
+    if layer_norm:
+        y = _normalize(y, axis=-1, eps=eps)  # over features D
+    return y
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses
+
+
+def _per_view(x: Array, num_views: int, name: str) -> Array:
+    """[B·V, ...] -> [B, V, ...] (clip-major rows)."""
+    if x.shape[0] % num_views:
+        raise ValueError(
+            f"ssl_losses ({_WHERE}): expected the rows of {name} to be a multiple of num_views={num_views}, "
+            f"found {x.shape[0]}"
+        )
+    return x.reshape(x.shape[0] // num_views, num_views, *x.shape[1:])
+
+
+def global_loss(student_cls: Array, targets: Array, num_views: int) -> Array:
+    """MSE between the student's final CLS [B·V, D] and the token mean of the targets [B, N, D] (the same
+    for the V views of a clip), averaged over rows and features. Float32 scalar."""
+    cls = _per_view(student_cls.astype(jnp.float32), num_views, "student_cls")  # [B, V, D]
+    utterance = jnp.mean(targets.astype(jnp.float32), axis=1)  # [B, D]
+    return jnp.mean(jnp.square(cls - utterance[:, None]))
+
+
+def local_loss(pred: Array, targets: Array, mask: Array, num_views: int) -> Array:
+    """Mean over masked patches of the per-patch MSE (mean over D) between the decoder output [B·V, N, D]
+    and the targets [B, N, D]; ``mask`` [B·V, N] is 1/True where a patch was masked. Float32 scalar."""
+    pred = _per_view(pred.astype(jnp.float32), num_views, "pred")  # [B, V, N, D]
+    weight = _per_view(mask.astype(jnp.float32), num_views, "mask")  # [B, V, N]
+    per_patch = jnp.mean(jnp.square(pred - targets.astype(jnp.float32)[:, None]), axis=-1)  # [B, V, N]
+    return jnp.sum(per_patch * weight) / jnp.sum(weight)
+
+
+def ssl_losses(
+    pred: Array,
+    student_cls: Array,
+    targets: Array,
+    mask: Array,
+    num_views: int,
+    global_weight: float = 1.0,
+    local_weight: float = 1.0,
+) -> dict[str, Array]:
+    """BAT's objective: ``loss = global_weight · global_loss + local_weight · local_loss`` (both 1 in BAT;
+    data2vec 2.0 / EAT scale the global term instead). Shapes: ``pred`` [B·V, N, D] decoder output,
+    ``student_cls`` [B·V, D], ``targets`` [B, N, D], ``mask`` [B·V, N] (True = masked)."""
+    b, n, d = targets.shape
+    expected = {"pred": (b * num_views, n, d), "student_cls": (b * num_views, d), "mask": (b * num_views, n)}
+    for name, x in (("pred", pred), ("student_cls", student_cls), ("mask", mask)):
+        if tuple(x.shape) != expected[name]:
+            raise ValueError(
+                f"ssl_losses ({_WHERE}): expected {name} of shape {expected[name]} for targets "
+                f"{tuple(targets.shape)} and num_views={num_views}, found {tuple(x.shape)}"
+            )
+    g = global_loss(student_cls, targets, num_views)
+    loc = local_loss(pred, targets, mask, num_views)
+    return {"loss": global_weight * g + local_weight * loc, "global_loss": g, "local_loss": loc}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def feature_std(x: Array, where: Array | None = None, eps: float = 1e-6) -> Array:
+    """data2vec 2.0's ``compute_var``: mean over features of sqrt(var + eps), the variance taken over every
+    row (all leading axes flattened) with the unbiased estimator (torch's default). ``where`` [...] (the
+    leading shape of x) restricts the rows, e.g. to masked patches. A collapse detector: targets or
+    predictions that stop varying drive it to sqrt(eps)."""
+    x = x.astype(jnp.float32).reshape(-1, x.shape[-1])  # [R, D]
+    w = jnp.ones(x.shape[:1], jnp.float32) if where is None else where.reshape(-1).astype(jnp.float32)  # [R]
+    count = jnp.sum(w)
+    mean = jnp.sum(x * w[:, None], axis=0) / count  # [D]
+    var = jnp.sum(jnp.square(x - mean) * w[:, None], axis=0) / (count - 1)  # [D], unbiased
+    return jnp.mean(jnp.sqrt(var + eps))
+
+
+def target_var(targets: Array) -> Array:
+    """``feature_std`` of the teacher targets [B, N, D] over all clips and tokens (data2vec's target_var)."""
+    return feature_std(targets)
+
+
+def pred_var(pred: Array, mask: Array) -> Array:
+    """``feature_std`` of the decoder output [B·V, N, D] over the masked patches (``mask`` [B·V, N]),
+    the patches that enter the local loss (data2vec's pred_var)."""
+    return feature_std(pred, where=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# EMA teacher
+
+
+def ema_decay(
+    step: Array | int, start: float = 0.9998, end: float = 0.99999, warmup_steps: int = 100_000
+) -> Array:
+    """EMA decay for the update that follows ``step`` completed updates (0 for the first): a linear ramp
+    from ``start`` (step 0) to ``end`` (step ``warmup_steps − 1``), then ``end``, as the reference's
+    ``np.linspace(start, end, warmup_steps)`` schedule. Float32, jittable on a traced ``step``."""
+    if warmup_steps < 0:
+        raise ValueError(f"ema_decay ({_WHERE}): expected warmup_steps >= 0, found {warmup_steps}")
+    step = jnp.asarray(step)
+    frac = jnp.minimum(step, max(warmup_steps - 1, 0)).astype(jnp.float32) / max(warmup_steps - 1, 1)
+    ramp = (1.0 - frac) * jnp.float32(start) + frac * jnp.float32(end)  # exact at both ends
+    return jnp.where(step >= warmup_steps, jnp.float32(end), ramp)
+
+
+def ema_update(teacher_params: PyTree, student_params: PyTree, decay: Array | float) -> PyTree:
+    """decay · teacher + (1 − decay) · student, leaf by leaf (same as ``optax.incremental_update`` with
+    step_size = 1 − decay); results keep the teacher's dtypes. Non-float leaves (counters) take the
+    student's value, as the reference copies ``num_batches_tracked``."""
+
+    def update(t: Array, s: Array) -> Array:
+        if not jnp.issubdtype(jnp.result_type(t), jnp.inexact):
+            return s
+        dtype = jnp.promote_types(jnp.result_type(t), jnp.float32)  # update in float32 at least
+        new = decay * jnp.asarray(t, dtype) + (1.0 - decay) * jnp.asarray(s, dtype)
+        return new.astype(jnp.result_type(t))
+
+    return jax.tree.map(update, teacher_params, student_params)
