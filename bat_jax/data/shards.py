@@ -1,0 +1,179 @@
+"""Shard files of `bat-jax prepare`: names, the assignment of clips to shards, atomic writes, resume state.
+
+Layout under an output folder OUT:
+    OUT/<split>/<split>-00000-of-00004.arrayrecord  the shards (ArrayRecord, one record per clip)
+    OUT/manifest.json                               written last, from the state below
+    OUT/.progress/global.json                       settings shared by all splits (front-end, vocabulary...)
+    OUT/.progress/<split>/split.json                the split's settings and inputs rejected while listing
+    OUT/.progress/<split>/<shard>.done.json         per finished shard: record count, size, skipped inputs
+    OUT/.progress/lock                              held (flock) while a run writes OUT
+
+A shard is written to `<shard>.tmp`, renamed when complete, and only then gets its `.done.json`; a shard
+counts as done when both exist and agree (size, record count, settings digest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+SHARD_SUFFIX = ".arrayrecord"
+WRITER_OPTIONS = "group_size:1"  # one record per chunk: fast random access
+PROGRESS_DIR = ".progress"
+MANIFEST = "manifest.json"
+DONE_SUFFIX = ".done.json"
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}{SHARD_SUFFIX}"
+
+
+def plan_shards(
+    num_clips: int, *, clips_per_shard: int | None = None, num_shards: int | None = None
+) -> list[range]:
+    """Contiguous ranges of clip positions, one per shard, fixed by the counts alone (deterministic).
+
+    clips_per_shard: shards of that many clips (the last one shorter). num_shards: that many shards (at most
+    one per clip) whose sizes differ by at most one.
+    """
+    if (clips_per_shard is None) == (num_shards is None):
+        raise ValueError("plan_shards: expected exactly one of clips_per_shard or num_shards")
+    if num_clips == 0:
+        return []
+    if num_shards is not None:
+        if num_shards < 1:
+            raise ValueError(f"--num-shards: expected N >= 1, found {num_shards}")
+        count = min(num_shards, num_clips)
+        bounds = [round(i * num_clips / count) for i in range(count + 1)]
+        return [range(bounds[i], bounds[i + 1]) for i in range(count)]
+    if clips_per_shard < 1:
+        raise ValueError(f"--clips-per-shard: expected N >= 1, found {clips_per_shard}")
+    count = math.ceil(num_clips / clips_per_shard)
+    return [range(i * clips_per_shard, min(num_clips, (i + 1) * clips_per_shard)) for i in range(count)]
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (temporary file, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON object in `path`, or None when it is missing or unreadable (an interrupted write)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def count_records(path: Path) -> int:
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(str(path))
+    try:
+        return int(reader.num_records())
+    finally:
+        reader.close()
+
+
+class ShardWriter:
+    """Writes records to `<path>.tmp`; `commit()` closes it and renames it to `path` (atomic on POSIX)."""
+
+    def __init__(self, path: Path):
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        self._writer = ArrayRecordWriter(str(self.tmp), WRITER_OPTIONS)
+        self.num_records = 0
+
+    def write(self, record: bytes) -> None:
+        self._writer.write(record)
+        self.num_records += 1
+
+    def commit(self) -> int:
+        """Close, rename into place, return the file size in bytes."""
+        self._writer.close()
+        os.replace(self.tmp, self.path)
+        return self.path.stat().st_size
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        except Exception:  # noqa: BLE001 - the partial .tmp is rewritten by the next run anyway
+            pass
+
+
+def shard_done(shard: Path, done: dict | None, config_digest: str) -> bool:
+    """True when `shard` is complete: its .done.json matches the settings, the file size and record count."""
+    if not done or done.get("config_digest") != config_digest or not shard.is_file():
+        return False
+    if shard.stat().st_size != done.get("bytes"):
+        return False
+    try:
+        return count_records(shard) == done.get("num_records")
+    except Exception:  # noqa: BLE001 - an unreadable shard is not done
+        return False
+
+
+class OutputLock:
+    """An exclusive flock on OUT/.progress/lock, so two runs never write the same output at once."""
+
+    def __init__(self, out: Path):
+        self.path = out / PROGRESS_DIR / "lock"
+        self._file = None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+")
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no locking
+            return self
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            self._file.close()
+            raise RuntimeError(
+                f"another `bat-jax prepare` is writing {self.path.parent.parent} (lock {self.path} is held); "
+                "wait for it to finish"
+            ) from e
+        return self
+
+    def __exit__(self, *exc):
+        if self._file is not None:
+            self._file.close()
+
+
+def remove_split(out: Path, split: str) -> None:
+    """Delete what `prepare` wrote for `split`: its shards (and .tmp files) and its progress state."""
+    folder = out / split
+    if folder.is_dir():
+        for f in folder.iterdir():
+            if f.name.startswith(f"{split}-") and (f.name.endswith(SHARD_SUFFIX) or f.name.endswith(".tmp")):
+                f.unlink()
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    shutil.rmtree(out / PROGRESS_DIR / split, ignore_errors=True)
+
+
+def progress_splits(out: Path) -> list[str]:
+    """Splits that have progress state in OUT (finished or not), sorted."""
+    root = out / PROGRESS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "split.json").is_file())

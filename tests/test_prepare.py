@@ -1,0 +1,492 @@
+"""`bat-jax prepare`: sources, front-end bucketing, shards, manifest, skips, determinism, resume, TFDS."""
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import librosa
+import numpy as np
+import pytest
+import soundfile as sf
+import tensorflow_datasets as tfds
+from array_record.python.array_record_module import ArrayRecordReader
+from google.protobuf import json_format
+from tensorflow_datasets.core.proto import feature_pb2
+
+from bat_jax.audio import synthetic
+from bat_jax.audio.frontend import kaldi_fbank, logmel
+from bat_jax.cli import main
+from bat_jax.data import prepare, records, shards, sources
+
+SR = 16000
+HOP = 160
+N_MELS = 128
+# Tiny synthetic clips: 0.3-1.2 s, so every clip fits in the first two front-end buckets.
+SYNTH = ["--source", "synthetic", "--min-seconds", "0.3", "--max-seconds", "1.2", "--no-progress"]
+# Expected features. The bucketed computation equals logmel / kaldi_fbank (first tests below); using it here
+# avoids one jit compilation per clip length.
+BAT = prepare.Frontend.create("bat")
+KALDI = prepare.Frontend.create("kaldi")
+
+
+def run_cli(*args) -> int:
+    return main(["prepare", *map(str, args)])
+
+
+def read_split(out: Path, split: str) -> tuple[dict, list[dict]]:
+    """The manifest and every record of `split`, in shard order."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    clips = []
+    for shard in manifest["splits"][split]["shards"]:
+        reader = ArrayRecordReader(str(out / shard["path"]))
+        assert reader.num_records() == shard["num_records"]
+        clips += [records.decode(r) for r in reader.read_all()]
+        reader.close()
+    return manifest, clips
+
+
+def shard_files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("*/*.arrayrecord"))}
+
+
+def wav(path: Path, seconds: float, rate: int = SR, freq: float = 440.0) -> np.ndarray:
+    """Write a sine wave as 16-bit PCM and return what a 16 kHz load of it gives."""
+    t = np.arange(round(seconds * rate)) / rate
+    wave = (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, wave, rate, subtype="PCM_16")
+    pcm = sf.read(path, dtype="float32")[0]
+    return pcm if rate == SR else librosa.resample(pcm, orig_sr=rate, target_sr=SR, res_type="soxr_hq")
+
+
+def test_help_explains_sources_outputs_and_examples(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["prepare", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for phrase in (
+        "folder",
+        "tfds",
+        "synthetic",
+        "manifest.json",
+        "num_frames",
+        "--clip-seconds",
+        "speech_commands",
+    ):
+        assert phrase in text
+
+
+@pytest.mark.parametrize("lengths", [[513, 20320, 23456]])
+def test_bucketed_frontends_equal_the_plain_frontends(lengths):
+    rng = np.random.default_rng(0)
+    for n in lengths:  # 20320 samples = 128 frames: exactly one bucket
+        wave = (rng.standard_normal(n) * np.linspace(0.01, 1.0, n)).astype(np.float32)
+        np.testing.assert_allclose(BAT.compute(wave), np.asarray(logmel(wave)), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(KALDI.compute(wave), np.asarray(kaldi_fbank(wave)), rtol=1e-5, atol=1e-4)
+        assert BAT.frames(n) == n // HOP + 1 and KALDI.frames(n) == 1 + (n - 400) // HOP
+
+
+def test_synthetic_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    assert (
+        run_cli(
+            *SYNTH,
+            "--num-clips",
+            5,
+            "--num-eval-clips",
+            2,
+            "--workers",
+            1,
+            "--clips-per-shard",
+            3,
+            "--out",
+            out,
+        )
+        == 0
+    )
+    config = synthetic.SyntheticConfig(num_clips=5, min_seconds=0.3, max_seconds=1.2)
+    manifest, clips = read_split(out, "train")
+    assert manifest["format_version"] == records.FORMAT_VERSION
+    assert manifest["label_vocabulary"] == list(synthetic.CLASS_NAMES)
+    assert manifest["frontend"]["name"] == "bat" and manifest["frontend"]["params"]["hop_length"] == HOP
+    assert manifest["clip"]["mode"] == "full" and manifest["sample_rate"] == SR
+    assert manifest["command"] and manifest["bat_jax_version"] and manifest["timing"]["clips_computed"] == 7
+    train = manifest["splits"]["train"]
+    assert [s["path"] for s in train["shards"]] == [
+        "train/train-00000-of-00002.arrayrecord",
+        "train/train-00001-of-00002.arrayrecord",
+    ]
+    assert [s["num_records"] for s in train["shards"]] == [3, 2]
+    assert train["num_clips"] == 5 and train["num_skipped"] == 0 and manifest["skipped"] == []
+    assert train["total_frames"] == sum(int(c["num_frames"]) for c in clips)
+    for index, clip in enumerate(clips):
+        wave, labels = synthetic.make_clip(index, config)
+        assert clip["clip_id"] == synthetic.clip_id(index, config)
+        assert clip["features"].dtype == np.float16 and clip["features"].shape == (
+            wave.size // HOP + 1,
+            N_MELS,
+        )
+        assert clip["num_frames"] == wave.size // HOP + 1
+        assert tuple(clip["labels"]) == labels
+        np.testing.assert_allclose(clip["features"], BAT.compute(wave), atol=1e-3)
+    manifest, clips = read_split(out, "eval")
+    eval_ids = [synthetic.clip_id(sources.SYNTHETIC_EVAL_INDEX + i, config) for i in range(2)]
+    assert [c["clip_id"] for c in clips] == eval_ids and manifest["splits"]["eval"]["num_clips"] == 2
+
+
+def make_folder(root: Path) -> dict[str, np.ndarray]:
+    """Good clips (one at 22.05 kHz, one in a subfolder, one unlabeled) and broken files; a CSV."""
+    waves = {
+        "a.wav": wav(root / "a.wav", 0.5),
+        "sub/b.flac": wav(root / "sub/b.flac", 0.8, freq=1000.0),
+        "c.wav": wav(root / "c.wav", 0.4, rate=22050),
+        "unlisted.wav": wav(root / "unlisted.wav", 0.3),
+    }
+    (root / "corrupt.flac").write_bytes(np.random.default_rng(0).bytes(3000))
+    (root / "empty.wav").write_bytes(b"")
+    (root / "notes.wav").write_text("this is not audio\n")
+    (root / "readme.txt").write_text("not an audio extension: ignored\n")
+    with open(root / "labels.csv", "w", newline="") as f:
+        rows = [("path", "labels"), ("a.wav", "dog"), ("sub/b.flac", "cat;dog"), ("c.wav", "bird")]
+        rows += [("missing.wav", "dog"), ("corrupt.flac", "cat"), ("empty.wav", "cat"), ("notes.wav", "cat")]
+        csv.writer(f).writerows(rows)
+    return waves
+
+
+def test_folder_with_csv_skips_broken_files_and_lists_them(tmp_path):
+    root, out = tmp_path / "audio", tmp_path / "out"
+    waves = make_folder(root)
+    assert run_cli("--source", "folder", "--input", root, "--labels-csv", root / "labels.csv", "--out", out,
+                   "--workers", 1, "--no-progress") == 0  # fmt: skip
+    manifest, clips = read_split(out, "train")
+    assert manifest["label_vocabulary"] == ["bird", "cat", "dog"]
+    got = {c["clip_id"]: c for c in clips}
+    assert list(got) == ["a.wav", "c.wav", "sub/b.flac", "unlisted.wav"]  # sorted relative paths
+    expected_labels = {"a.wav": [2], "c.wav": [0], "sub/b.flac": [1, 2], "unlisted.wav": []}
+    for name, wave in waves.items():
+        assert got[name]["labels"].tolist() == expected_labels[name]
+        assert got[name]["num_frames"] == wave.size // HOP + 1
+        np.testing.assert_allclose(got[name]["features"], BAT.compute(wave), atol=2e-3)
+    skipped = {s["source"]: s for s in manifest["skipped"]}
+    assert set(skipped) == {"missing.wav", "corrupt.flac", "empty.wav", "notes.wav"}
+    assert skipped["missing.wav"]["kind"] == "missing file" and "line 5" in skipped["missing.wav"]["reason"]
+    assert skipped["empty.wav"]["kind"] == "empty file"
+    assert skipped["notes.wav"]["kind"] == skipped["corrupt.flac"]["kind"] == "unreadable audio"
+    assert all(s["split"] == "train" and s["reason"] for s in manifest["skipped"])
+    assert manifest["splits"]["train"]["num_skipped"] == 4 and manifest["splits"]["train"]["num_clips"] == 4
+    # --strict: the same output (nothing to recompute) now exits non-zero because inputs were skipped
+    assert run_cli("--source", "folder", "--input", root, "--labels-csv", root / "labels.csv", "--out", out,
+                   "--workers", 1, "--no-progress", "--strict") == 1  # fmt: skip
+
+
+def test_folder_require_labels_vocab_file_and_splits_added_by_separate_runs(tmp_path, capsys):
+    root, out = tmp_path / "audio", tmp_path / "out"
+    wav(root / "train/x.wav", 0.3)
+    wav(root / "train/y.wav", 0.3)
+    wav(root / "eval/z.wav", 0.3)
+    (root / "vocab.txt").write_text("zebra\ndog\ncat\n")
+    (root / "train.csv").write_text("x.wav,cat;dog\n")  # no header row
+    (root / "eval.csv").write_text("file,tags\nz.wav,zebra\n")
+    common = ["--source", "folder", "--out", out, "--workers", 1, "--no-progress"]
+    assert run_cli(*common, "--input", root / "train", "--labels-csv", root / "train.csv",
+                   "--labels-vocab", root / "vocab.txt", "--require-labels") == 0  # fmt: skip
+    manifest, clips = read_split(out, "train")
+    assert manifest["label_vocabulary"] == ["zebra", "dog", "cat"]
+    assert [(c["clip_id"], c["labels"].tolist()) for c in clips] == [("x.wav", [1, 2])]
+    assert [(s["source"], s["kind"]) for s in manifest["skipped"]] == [("y.wav", "unlabeled")]
+    # a second run adds split "eval" to the same output and reuses its vocabulary
+    assert run_cli(*common, "--input", root / "eval", "--labels-csv", root / "eval.csv",
+                   "--csv-columns", "file,tags", "--split", "eval") == 0  # fmt: skip
+    manifest, clips = read_split(out, "eval")
+    assert set(manifest["splits"]) == {"train", "eval"}
+    assert [(c["clip_id"], c["labels"].tolist()) for c in clips] == [("z.wav", [0])]
+    # other settings for an existing split are refused with a clear message, then allowed with --overwrite
+    capsys.readouterr()
+    assert run_cli(*common, "--input", root / "eval", "--split", "eval", "--frontend", "kaldi") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "thesis.tex").write_text("keep me")
+    assert (
+        run_cli("--source", "folder", "--input", root / "eval", "--out", tmp_path / "foreign", "--overwrite")
+        == 2
+    )
+    assert (tmp_path / "foreign" / "thesis.tex").exists()
+
+
+def test_split_from_subdir_with_labels_from_dir(tmp_path):
+    root, out = tmp_path / "audio", tmp_path / "out"
+    for rel in ("train/yes/1.wav", "train/no/2.wav", "eval/yes/3.wav", "eval/4.wav"):
+        wav(root / rel, 0.3)
+    args = ["--input", root, "--split-from-subdir", "--labels-from-dir", "--workers", 1, "--no-progress"]
+    assert run_cli("--source", "folder", *args, "--out", out) == 0
+    manifest, train = read_split(out, "train")
+    _, evaluation = read_split(out, "eval")
+    assert manifest["label_vocabulary"] == ["no", "yes"] and list(manifest["splits"]) == ["train", "eval"]
+    assert [(c["clip_id"], c["labels"].tolist()) for c in train] == [
+        ("train/no/2.wav", [0]),
+        ("train/yes/1.wav", [1]),
+    ]
+    assert [(c["clip_id"], c["labels"].tolist()) for c in evaluation] == [
+        ("eval/4.wav", []),
+        ("eval/yes/3.wav", [1]),
+    ]
+    wav(root / "stray.wav", 0.3)  # a file outside the split folders is an error, not a silent skip
+    assert run_cli("--source", "folder", *args, "--out", tmp_path / "other") == 2
+
+
+def test_same_output_for_any_worker_count(tmp_path):
+    args = [*SYNTH, "--num-clips", 6, "--num-eval-clips", 0, "--clips-per-shard", 4, "--multilabel"]
+    assert run_cli(*args, "--workers", 2, "--out", tmp_path / "w2") == 0
+    assert run_cli(*args, "--workers", 1, "--out", tmp_path / "w1") == 0
+    a, b = shard_files(tmp_path / "w2"), shard_files(tmp_path / "w1")
+    assert list(a) == ["train/train-00000-of-00002.arrayrecord", "train/train-00001-of-00002.arrayrecord"]
+    assert a == b
+    _, clips = read_split(tmp_path / "w2", "train")
+    config = synthetic.SyntheticConfig(num_clips=6, multilabel=True, min_seconds=0.3, max_seconds=1.2)
+    assert [tuple(c["labels"]) for c in clips] == [synthetic.make_clip(i, config)[1] for i in range(6)]
+
+
+def test_resume_rewrites_only_missing_shards(tmp_path):
+    out = tmp_path / "out"
+    args = [
+        *SYNTH,
+        "--num-clips",
+        6,
+        "--num-eval-clips",
+        0,
+        "--clips-per-shard",
+        2,
+        "--workers",
+        1,
+        "--out",
+        out,
+    ]
+    assert run_cli(*args) == 0
+    clean = shard_files(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    names = [out / s["path"] for s in manifest["splits"]["train"]["shards"]]
+    assert len(names) == 3
+    os.utime(names[0], ns=(1_000_000_000, 1_000_000_000))  # a recognisable mtime
+    # interruption: shard 1 was deleted, shard 2 was being written (only its .tmp exists, no .done.json)
+    names[1].unlink()
+    names[2].rename(names[2].with_name(names[2].name + ".tmp"))
+    (out / ".progress" / "train" / (names[2].name + shards.DONE_SUFFIX)).unlink()
+    (out / "manifest.json").unlink()
+    assert run_cli(*args) == 0
+    assert names[0].stat().st_mtime_ns == 1_000_000_000  # untouched
+    assert shard_files(out) == clean and not list(out.glob("train/*.tmp"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["timing"]["clips_computed"] == 4 and manifest["timing"]["shards_reused"] == 1
+    # a truncated shard (size differs from its .done.json) is rewritten too
+    names[1].write_bytes(names[1].read_bytes()[:100])
+    assert run_cli(*args) == 0
+    assert shard_files(out) == clean and names[0].stat().st_mtime_ns == 1_000_000_000
+
+
+def test_clip_seconds_cuts_waves_and_pads_features_after_normalisation(tmp_path):
+    out = tmp_path / "out"
+    assert (
+        run_cli(
+            *SYNTH,
+            "--num-clips",
+            6,
+            "--num-eval-clips",
+            0,
+            "--clip-seconds",
+            0.7,
+            "--workers",
+            1,
+            "--out",
+            out,
+        )
+        == 0
+    )
+    manifest, clips = read_split(out, "train")
+    fixed = round(0.7 * SR) // HOP + 1
+    assert manifest["clip"]["mode"] == "fixed" and manifest["clip"]["frames"] == fixed == 71
+    config = synthetic.SyntheticConfig(num_clips=6, min_seconds=0.3, max_seconds=1.2)
+    lengths = []
+    for index, clip in enumerate(clips):
+        wave = synthetic.make_clip(index, config)[0][: round(0.7 * SR)]  # cut before the front-end
+        n = wave.size // HOP + 1
+        lengths.append(n)
+        assert clip["features"].shape == (fixed, N_MELS) and clip["num_frames"] == n
+        np.testing.assert_allclose(clip["features"][:n], BAT.compute(wave), atol=1e-3)
+        assert not clip["features"][n:].any()  # zero padding after min-max normalisation
+    assert min(lengths) < fixed and max(lengths) == fixed  # both cut and padded clips were exercised
+
+
+def test_kaldi_frontend_writes_raw_fbank(tmp_path):
+    out = tmp_path / "out"
+    assert (
+        run_cli(
+            *SYNTH,
+            "--num-clips",
+            3,
+            "--num-eval-clips",
+            0,
+            "--frontend",
+            "kaldi",
+            "--workers",
+            1,
+            "--out",
+            out,
+        )
+        == 0
+    )
+    manifest, clips = read_split(out, "train")
+    assert manifest["frontend"]["name"] == "kaldi" and "(2 std)" in manifest["frontend"]["normalization"]
+    assert manifest["frontend"]["params"]["num_mel_bins"] == N_MELS
+    config = synthetic.SyntheticConfig(num_clips=3, min_seconds=0.3, max_seconds=1.2)
+    for index, clip in enumerate(clips):
+        wave = synthetic.make_clip(index, config)[0]
+        expected = KALDI.compute(wave)  # raw log-mel, not normalised
+        assert clip["num_frames"] == 1 + (wave.size - 400) // HOP == expected.shape[0]
+        np.testing.assert_allclose(clip["features"].astype(np.float32), expected, rtol=1e-3, atol=1e-2)
+
+
+# ------------------------------------------------------------------------------------------------ TFDS
+
+TFDS_RATE = 8000
+TFDS_NAMES = ["dog", "cat", "bird"]
+
+
+def tfds_audio(i: int) -> np.ndarray:
+    t = np.arange(2400 + 400 * i) / TFDS_RATE  # 0.3 s, 0.35 s, ...
+    return (8000 * np.sin(2 * np.pi * (300 + 100 * i) * t)).astype(np.int16)
+
+
+def build_tiny_tfds(data_dir: Path) -> Path:
+    """A 2-split TFDS dataset in array_record format, audio stored as int16 at 8 kHz (built without TF)."""
+    with tfds.core.registered.skip_registration():
+
+        class TinyAudio(tfds.core.GeneratorBasedBuilder):
+            VERSION = tfds.core.Version("1.0.0")
+
+            def _info(self):
+                features = {
+                    "audio": tfds.features.Tensor(shape=(None,), dtype=np.int16),
+                    "label": tfds.features.ClassLabel(names=TFDS_NAMES),
+                    "tags": tfds.features.Sequence(tfds.features.ClassLabel(names=TFDS_NAMES)),
+                }
+                return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+            def _split_generators(self, dl_manager):
+                return {
+                    "train": self._generate_examples(range(4)),
+                    "test": self._generate_examples(range(4, 6)),
+                }
+
+            def _generate_examples(self, indices):
+                for i in indices:
+                    yield (
+                        f"k{i}",
+                        {"audio": tfds_audio(i), "label": i % 3, "tags": sorted({i % 3, (i + 1) % 3})},
+                    )
+
+        TinyAudio(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    return data_dir / "tiny_audio" / "1.0.0"
+
+
+def as_audio_feature(dataset_dir: Path) -> None:
+    """Rewrite features.json as TensorFlow would have written it for tfds.features.Audio(int16, 8 kHz)."""
+    path = dataset_dir / "features.json"
+    spec = json.loads(path.read_text())
+    audio = feature_pb2.Feature(
+        python_class_name="tensorflow_datasets.core.features.audio_feature.Audio",
+        audio=feature_pb2.AudioFeature(
+            shape=feature_pb2.Shape(dimensions=[-1]), dtype="int16", file_format="wav", sample_rate=TFDS_RATE,
+            encoding="none",
+        ),
+    )  # fmt: skip
+    spec["featuresDict"]["features"]["audio"] = json_format.MessageToDict(audio)
+    path.write_text(json.dumps(spec))
+
+
+def test_tfds_source_with_and_without_tensorflow_metadata(tmp_path):
+    data_dir = tmp_path / "tfds"
+    dataset_dir = build_tiny_tfds(data_dir)
+    # the TF-free reader decodes items exactly as tfds.data_source does
+    via_tfds = tfds.data_source("tiny_audio", split="train", data_dir=str(data_dir))
+    via_files = sources.TfFreeTfdsSource(dataset_dir, "train")
+    assert len(via_files) == len(via_tfds) == 4
+    for i in range(4):
+        a, b = via_tfds[i], via_files[i]
+        np.testing.assert_array_equal(a["audio"], b["audio"])
+        assert a["label"] == b["label"] and list(a["tags"]) == list(b["tags"])
+
+    tfds_args = [
+        "--source",
+        "tfds",
+        "--tfds-name",
+        "tiny_audio",
+        "--tfds-data-dir",
+        data_dir,
+        "--workers",
+        1,
+        "--no-progress",
+    ]
+    plain = tmp_path / "plain"  # a plain Tensor feature has no sample_rate: it is given
+    assert (
+        run_cli(*tfds_args, "--tfds-split", "train,test", "--tfds-sample-rate", TFDS_RATE, "--out", plain)
+        == 0
+    )
+    manifest, clips = read_split(plain, "train")
+    assert manifest["label_vocabulary"] == TFDS_NAMES and set(manifest["splits"]) == {"train", "test"}
+    for i, clip in enumerate(clips):  # records follow the data source's order (TFDS shuffled the examples)
+        item = via_tfds[i]
+        wave = librosa.resample(item["audio"] / 32768.0, orig_sr=TFDS_RATE, target_sr=SR, res_type="soxr_hq")
+        assert clip["clip_id"] == f"tiny_audio/train/{i}" and clip["labels"].tolist() == [item["label"]]
+        assert clip["num_frames"] == wave.size // HOP + 1
+        np.testing.assert_allclose(clip["features"], BAT.compute(wave.astype(np.float32)), atol=2e-3)
+
+    # the tfds.data_source reader through the library API gives the same records
+    plan = sources.tfds_source(
+        "tiny_audio", ["train"], data_dir=str(data_dir), sample_rate=TFDS_RATE, reader="tfds"
+    )
+    assert prepare.prepare(plan, tmp_path / "lib", BAT, progress=False).exit_status == 0
+    assert shard_files(tmp_path / "lib") == {
+        k: v for k, v in shard_files(plain).items() if k.startswith("train/")
+    }
+
+    as_audio_feature(dataset_dir)  # now tfds.data_source would need TensorFlow; the files are read directly
+    audio = tmp_path / "audio"
+    assert run_cli(*tfds_args, "--tfds-split", "train", "--tfds-label-key", "tags", "--out", audio) == 0
+    manifest, tagged = read_split(audio, "train")
+    assert manifest["splits"]["train"]["num_clips"] == 4
+    assert [c["labels"].tolist() for c in tagged] == [sorted(via_tfds[i]["tags"]) for i in range(4)]
+    assert all(len(c["labels"]) == 2 for c in tagged)
+    for a, b in zip(clips, tagged, strict=True):
+        np.testing.assert_array_equal(a["features"], b["features"])
+
+
+def test_items_source_skips_bad_items_and_accepts_any_data_source(tmp_path):
+    good = np.sin(np.arange(8000, dtype=np.float32) / 5.0)
+    items = [{"audio": good, "label": 1}, {"audio": good[:100], "label": 0}, {"audio": good[:0], "label": 0}]
+    plan = sources.items_source({"train": items}, vocabulary=["a", "b"], sample_rate=SR)
+    result = prepare.prepare(plan, tmp_path / "out", prepare.Frontend.create("bat"), progress=False)
+    assert result.exit_status == 0
+    manifest, clips = read_split(tmp_path / "out", "train")
+    assert [c["clip_id"] for c in clips] == ["items/train/0"] and clips[0]["labels"].tolist() == [1]
+    assert [s["kind"] for s in manifest["skipped"]] == ["too short", "unreadable input"]
+    nothing = sources.items_source({"train": items[1:]}, vocabulary=["a", "b"], sample_rate=SR)
+    result = prepare.prepare(nothing, tmp_path / "none", prepare.Frontend.create("bat"), progress=False)
+    assert result.exit_status == 1  # nothing usable was written
+
+
+def test_shard_plan_is_fixed_by_the_counts():
+    assert shards.plan_shards(5, clips_per_shard=2) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert shards.plan_shards(5, num_shards=2) == [range(0, 2), range(2, 5)]
+    assert shards.plan_shards(2, num_shards=4) == [range(0, 1), range(1, 2)]
+    assert shards.plan_shards(0, clips_per_shard=3) == []
+    assert shards.shard_name("train", 0, 4) == "train-00000-of-00004.arrayrecord"
+
+
+def test_empty_output_dir_is_accepted_and_clean(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert run_cli(*SYNTH, "--num-clips", 1, "--num-eval-clips", 0, "--workers", 1, "--out", out) == 0
+    assert sorted(p.name for p in out.iterdir()) == [".progress", "manifest.json", "train"]
+    shutil.rmtree(out)
