@@ -23,6 +23,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bat_jax.data import pipeline, records
+from bat_jax.data.shards import WRITER_OPTIONS
 
 
 def write_shards(
@@ -95,7 +96,7 @@ def main() -> None:
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="spec output dtype"
     )
     parser.add_argument(
-        "--writer-options", default="group_size:1", help="ArrayRecord writer options (the prepare command's)"
+        "--writer-options", default=WRITER_OPTIONS, help="ArrayRecord writer options (the prepare command's)"
     )
     parser.add_argument("--no-device", dest="device", action="store_false", help="skip the device_put runs")
     args = parser.parse_args()

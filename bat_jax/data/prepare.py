@@ -598,6 +598,8 @@ def build_manifest(out: Path, global_cfg: dict, command: list[str], timing: dict
             "clip_id": "str",
             "labels": "list[int]: indices into label_vocabulary",
         },
+        "record_encoding": "msgpack (bat_jax.data.records)",
+        "arrayrecord_options": shards.WRITER_OPTIONS,
         "splits": splits,
         "skipped": skipped,
         "command": command,

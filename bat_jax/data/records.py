@@ -49,7 +49,7 @@ def encode(clip: Clip) -> bytes:
 
 
 def decode(record: bytes) -> dict:
-    """bytes -> {"features": float16 [frames, n_mels], "num_frames": int32, "clip_id": str, "labels": int32 [k]}."""
+    """bytes -> dict: features float16 [frames, n_mels], num_frames int32, clip_id str, labels int32 [k]."""
     d = msgpack.unpackb(record, raw=False)
     if d.get("v") != FORMAT_VERSION:
         raise ValueError(
