@@ -4,7 +4,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEMO   ?= data/demo
 
-.PHONY: demo test venv lint clean
+.PHONY: demo test venv venv-test lint clean
+
+# torch is only an optional extra (reading *.pt checkpoints); the tests need it for the .pt import
+# checks. A CPU build is enough: override TORCH to pick another wheel, e.g. TORCH='torch==2.9.1'.
+TORCH  ?= torch==2.13.0
 
 # Create or refresh the virtual environment and install bat-jax with its dev tools.
 venv:
@@ -12,12 +16,16 @@ venv:
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 
+# The test environment: the above plus torch (CPU) for the *.pt checkpoint tests.
+venv-test: venv-test
+	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install --quiet '$(TORCH)'
+
 # The main job on the embedded synthetic dataset: prepare spectrogram shards and print a summary.
 demo: venv
 	$(VENV)/bin/bat-jax prepare --source synthetic --out $(DEMO)
 
 # The whole test suite.
-test: venv
+test: venv-test
 	$(PY) -m pytest -n 2 -q
 
 lint: venv

@@ -14,6 +14,7 @@ import sys
 # subcommand name -> module that defines add_parser(subparsers)
 SUBCOMMANDS = {
     "prepare": "bat_jax.data.prepare",
+    "convert": "bat_jax.convert.cli",
 }
 
 
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bat-jax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
     sub.required = True
-    for name, module in SUBCOMMANDS.items():
+    for module in SUBCOMMANDS.values():
         importlib.import_module(module).add_parser(sub)
     return parser
 

@@ -1,0 +1,73 @@
+"""`bat-jax convert SRC OUT`: import a PyTorch encoder checkpoint into a bat-jax (Orbax) checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DESCRIPTION = """\
+Convert a released encoder checkpoint into a bat-jax checkpoint folder.
+
+SRC may be:
+  * a Hugging Face BAT folder holding model.safetensors + config.json
+    (the lrauch/BAT-vit-b16-pretrainedAS2M layout), or that model.safetensors file
+    with its config.json beside it;
+  * a BAT .pt checkpoint (the authors' BAT_base.pt: student.encoder.* tensors,
+    optionally under 'state_dict'); the head count comes from a config.json beside
+    it or from --num-heads;
+  * an EAT or SSLAM fairseq .pt checkpoint (modality_encoders.IMAGE.* + blocks.*;
+    no attention gates); the head count comes from the checkpoint's stored model
+    config or from --num-heads;
+  * a bat-jax checkpoint folder (re-saves it).
+Reading .pt files needs torch:  pip install 'bat-jax[torch]'
+
+The architecture is read from the file; a tensor whose shape disagrees with it,
+a missing key or an unexpected key is an error (never a partial load).
+
+OUT is written as:
+  OUT/config.json   {"format": "bat-jax-encoder", "format_version": 1,
+                     "config": <EncoderConfig fields>, "source": SRC}
+  OUT/params/       Orbax (StandardCheckpointer) checkpoint of the parameters
+
+Load it back with  bat_jax.load_encoder(OUT).
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "convert",
+        help="import a BAT/EAT/SSLAM PyTorch encoder checkpoint into a bat-jax checkpoint",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("src", metavar="SRC", help="checkpoint file or folder to import (see above)")
+    parser.add_argument("out", metavar="OUT", help="output folder (config.json + params/)")
+    parser.add_argument(
+        "--num-heads",
+        type=int,
+        default=None,
+        help="attention heads, needed when SRC does not say (ViT-B: 12, ViT-S: 6); must agree when it does",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT/params if it already exists")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from bat_jax.convert.checkpoint import save_encoder
+    from bat_jax.convert.load import load_encoder
+    from bat_jax.models.encoder import param_count
+
+    try:
+        encoder = load_encoder(args.src, num_heads=args.num_heads)
+        out = save_encoder(encoder, args.out, source=str(args.src), overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+        print(f"bat-jax convert: error: {e}", file=sys.stderr)
+        return 1
+    cfg = encoder.config
+    print(
+        f"converted {args.src} -> {out}: dim {cfg.dim}, depth {cfg.depth}, heads {cfg.num_heads}, "
+        f"gate {cfg.use_gate}, positions grid {list(cfg.pos_grid)}, "
+        f"{param_count(encoder.params):,} parameters"
+    )
+    return 0

@@ -1,0 +1,204 @@
+"""Readers for the released PyTorch encoder formats, all returning reference-layout numpy tensors.
+
+* Hugging Face BAT: a folder with `model.safetensors` + `config.json`, or the `.safetensors` file with
+  its sibling `config.json` (`lrauch/BAT-vit-b16-pretrainedAS2M` layout).
+* BAT `.pt` (the authors' `BAT_base.pt`): `student.encoder.<key>` tensors, possibly under `state_dict`.
+* EAT / SSLAM fairseq `.pt`: `{"model": {"modality_encoders.IMAGE.…", "blocks.{i}.…"}, "cfg": …}`.
+
+torch is imported lazily, only for `.pt` files (`pip install 'bat-jax[torch]'`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bat_jax.models.config import EncoderConfig
+
+TORCH_HINT = "reading PyTorch .pt checkpoints needs torch: pip install 'bat-jax[torch]'"
+
+# BAT .pt: the encoder the reference uses downstream is the student's.
+BAT_PT_PREFIX = "student.encoder."
+# EAT / SSLAM fairseq checkpoints → reference names (exact keys, then prefixes).
+FAIRSEQ_IMAGE = "modality_encoders.IMAGE."
+FAIRSEQ_KEYS = {
+    FAIRSEQ_IMAGE + "extra_tokens": "cls_token",
+    FAIRSEQ_IMAGE + "fixed_positional_encoder.positions": "pos_embed",
+}
+FAIRSEQ_PREFIXES = {
+    FAIRSEQ_IMAGE + "local_encoder.proj.": "patch_embed.proj.",
+    FAIRSEQ_IMAGE + "context_encoder.norm.": "pre_norm.",
+    "blocks.": "blocks.",
+}
+# Parts of a fairseq pretraining checkpoint that are not the encoder (EMA teacher, decoders, loss
+# projections); the reference loader leaves them out too. Any other unmapped key is an error.
+FAIRSEQ_TRAINING_ONLY = (
+    "_ema",
+    FAIRSEQ_IMAGE + "decoder.",
+    "shared_decoder.",
+    "recon_proj.",
+    "cls_proj.",
+    "center",
+)
+
+
+@dataclasses.dataclass
+class SourceState:
+    """Reference-layout tensors read from a file, plus what the file says about the architecture."""
+
+    kind: str  # "hf", "bat_pt", "fairseq"
+    state: dict[str, np.ndarray]
+    where: str
+    config: EncoderConfig | None = None  # full architecture (config.json)
+    num_heads: int | None = None  # heads named by the file when there is no full config
+    layer_norm_first: bool | None = None
+    eps: float | None = None
+    names: dict[str, str] = dataclasses.field(default_factory=dict)  # reference key → key in the file
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hugging Face
+
+
+def read_hf_config(path: Path) -> EncoderConfig:
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the encoder config.json ({e})") from e
+    return EncoderConfig.from_hf_config(hf, where=str(path))
+
+
+def read_hf(path: Path) -> SourceState:
+    """A HF folder (model.safetensors + config.json) or a .safetensors file with a sibling config.json."""
+    from safetensors.numpy import load_file
+
+    weights = path / "model.safetensors" if path.is_dir() else path
+    config_path = weights.parent / "config.json"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{path}: expected model.safetensors in this folder")
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{weights}: expected its config.json beside it ({config_path}) to know the architecture"
+        )
+    return SourceState("hf", dict(load_file(str(weights))), str(weights), config=read_hf_config(config_path))
+
+
+def sibling_hf_config(path: Path) -> EncoderConfig | None:
+    """The HF-style config.json beside a .pt file, if there is one (it names the heads)."""
+    candidate = path.parent / "config.json"
+    if not candidate.is_file():
+        return None
+    try:
+        hf = json.loads(candidate.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return EncoderConfig.from_hf_config(hf, where=str(candidate)) if "hidden_size" in hf else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# PyTorch
+
+
+def import_torch() -> Any:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(TORCH_HINT) from e
+    return torch
+
+
+def load_torch_file(path: Path) -> Any:
+    """torch.load on the CPU, tensors only; fairseq checkpoints that pickle their config objects
+    (omegaconf / argparse) are re-read with weights_only=False — only load files you trust."""
+    torch = import_torch()
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if not any(word in text for word in ("omegaconf", "argparse", "fairseq")):
+            raise ValueError(f"{path}: torch.load(weights_only=True) refused the file: {text}") from e
+        # fairseq stores its run config as omegaconf/argparse objects, which the safe loader rejects.
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+
+
+def to_numpy(value: Any, key: str, where: str) -> np.ndarray:
+    torch = import_torch()
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{where}: {key!r} is a {type(value).__name__}, expected a tensor")
+    value = value.detach().cpu()
+    if value.is_floating_point():
+        value = value.to(torch.float32)  # bf16/fp16 → float32 (numpy has no bfloat16)
+    return value.numpy()
+
+
+def _get(cfg: Any, key: str) -> Any:
+    if cfg is None:
+        return None
+    if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
+        try:
+            return cfg.get(key)
+        except (AttributeError, TypeError):
+            return None
+    return getattr(cfg, key, None)
+
+
+def read_fairseq(obj: Mapping[str, Any], where: str) -> SourceState:
+    model = obj["model"]
+    state, names = {}, {}
+    for key, value in model.items():
+        if key.startswith(FAIRSEQ_TRAINING_ONLY):
+            continue
+        new = FAIRSEQ_KEYS.get(key)
+        if new is None:
+            prefix = next((p for p in FAIRSEQ_PREFIXES if key.startswith(p)), None)
+            new = FAIRSEQ_PREFIXES[prefix] + key[len(prefix) :] if prefix else key
+        state[new] = to_numpy(value, key, where)
+        names[new] = key
+    model_cfg = _get(obj.get("cfg"), "model") or obj.get("args")
+    heads, lnf, eps = (_get(model_cfg, k) for k in ("num_heads", "layer_norm_first", "norm_eps"))
+    return SourceState(
+        "fairseq",
+        state,
+        where,
+        num_heads=None if heads is None else int(heads),
+        layer_norm_first=None if lnf is None else bool(lnf),
+        eps=None if eps is None else float(eps),
+        names=names,
+    )
+
+
+def read_bat_pt(obj: Mapping[str, Any], path: Path) -> SourceState:
+    where = str(path)
+    flat = obj.get("state_dict", obj)
+    state, names = {}, {}
+    for key, value in flat.items():
+        if key.startswith(BAT_PT_PREFIX):  # other entries: decoder, teacher, optimizer … (not the encoder)
+            new = key[len(BAT_PT_PREFIX) :]
+            state[new] = to_numpy(value, key, where)
+            names[new] = key
+    return SourceState("bat_pt", state, where, config=sibling_hf_config(path), names=names)
+
+
+def read_torch(path: Path) -> SourceState:
+    """A BAT .pt or an EAT/SSLAM fairseq .pt, told apart by their keys."""
+    obj = load_torch_file(path)
+    where = str(path)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where}: expected a checkpoint dict, found a {type(obj).__name__}")
+    model = obj.get("model")
+    if isinstance(model, Mapping) and any(str(k).startswith(FAIRSEQ_IMAGE) for k in model):
+        return read_fairseq(obj, where)
+    flat = obj.get("state_dict", obj)
+    if isinstance(flat, Mapping) and any(str(k).startswith(BAT_PT_PREFIX) for k in flat):
+        return read_bat_pt(obj, path)
+    top = sorted(str(k) for k in obj)[:10]
+    raise ValueError(
+        f"{where}: not a BAT or EAT/SSLAM checkpoint: expected '{BAT_PT_PREFIX}*' tensors (optionally under "
+        f"'state_dict') or a fairseq 'model' dict with '{FAIRSEQ_IMAGE}*' keys; found top-level keys {top}"
+    )

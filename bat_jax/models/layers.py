@@ -1,0 +1,202 @@
+"""Transformer building blocks shared by the encoder and the SSL decoder.
+
+* `sincos_2d`       — the fixed 2-D sin-cos position table (numpy, float32).
+* `GatedAttention`  — multi-head self-attention with BAT's sigmoid output gate:
+                      O = (σ(x W_G + b_G) ⊙ softmax(QKᵀ/√d_h) V) W_O.
+* `Mlp`             — Linear → GELU (exact) → Linear.
+* `Block`           — post-norm (x ← LN₁(x + Attn(x)); x ← LN₂(x + MLP(x))) or pre-norm block.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`) and key activations a
+logical sharding constraint; a rules table maps the names to mesh axes. The names used:
+``embed`` (model width D), ``mlp`` (MLP hidden width), ``qkv`` (the 3 of q, k, v), ``heads``,
+``kv`` (head width), and for activations ``batch`` and ``length``. Weights are Xavier-uniform
+(fan-in/fan-out of the equivalent 2-D matrix, as PyTorch's `nn.Linear`), biases zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+DType = Any
+
+# Logical axis names of activations.
+ACT_TOKENS = ("batch", "length", "embed")  # [B, N, D]
+ACT_HEADS = ("batch", "length", "heads", "kv")  # [B, N, H, Dh]
+ACT_MLP = ("batch", "length", "mlp")  # [B, N, M]
+
+SINCOS_BASE = 10000.0
+
+
+def partitioned(init: Any, names: tuple[str | None, ...]) -> Any:
+    """An initializer whose result is boxed with logical axis names."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def xavier_uniform() -> Any:
+    return nn.initializers.xavier_uniform()
+
+
+def zeros() -> Any:
+    return nn.initializers.zeros_init()
+
+
+def ones() -> Any:
+    return nn.initializers.ones_init()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fixed positions
+
+
+def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+    """[M] positions → [M, dim]: sin of pos·ω_k in the first half, cos in the second, ω_k = base^(−2k/dim)."""
+    omega = 1.0 / SINCOS_BASE ** (np.arange(dim // 2, dtype=np.float32) / np.float32(dim / 2))  # [dim/2]
+    angles = np.outer(pos.reshape(-1).astype(np.float32), omega.astype(np.float32))  # [M, dim/2]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)
+
+
+def sincos_2d(dim: int, grid: tuple[int, int]) -> np.ndarray:
+    """The 2-D sin-cos table of a (rows, cols) grid flattened row-major: [rows·cols, dim] float32.
+
+    Row-major index r·cols + c; the first dim/2 channels encode the column c, the last dim/2 the row r
+    (the MAE / BAT / EAT convention). Which token gets which entry is decided by the caller: BAT slices
+    the first n entries of the (8, 64) grid for n time-major tokens (see `config.POS_GRID_BAT`).
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos positions need a width divisible by 4, got {dim}")
+    rows, cols = grid
+    col, row = np.meshgrid(
+        np.arange(cols, dtype=np.float32), np.arange(rows, dtype=np.float32)
+    )  # [rows, cols]
+    return np.concatenate([sincos_1d(dim // 2, col), sincos_1d(dim // 2, row)], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Modules
+
+
+def layer_norm(eps: float, dtype: DType, param_dtype: DType, name: str) -> nn.LayerNorm:
+    """LayerNorm over the last axis with the exact (two-pass) variance, as PyTorch."""
+    return nn.LayerNorm(
+        epsilon=eps,
+        use_fast_variance=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=partitioned(ones(), ("embed",)),
+        bias_init=partitioned(zeros(), ("embed",)),
+        name=name,
+    )
+
+
+class Linear(nn.Module):
+    """y = x·W + b contracting the last len(in_shape) axes of x; kernel [*in_shape, *out_shape].
+
+    Xavier-uniform with fan-in = prod(in_shape), fan-out = prod(out_shape) (PyTorch's nn.Linear + xavier),
+    created directly in its multi-axis shape so the logical names fit it (under a mesh too).
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]
+    use_bias: bool = True
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # x: [..., *in_shape] → [..., *out_shape]
+        n_in, n_out = len(self.in_shape), len(self.out_shape)
+        init = nn.initializers.variance_scaling(
+            1.0, "fan_avg", "uniform", in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out))
+        )
+        kernel = self.param(
+            "kernel", partitioned(init, self.kernel_axes), self.in_shape + self.out_shape, self.param_dtype
+        )
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
+        if self.use_bias:
+            bias_init = partitioned(zeros(), self.kernel_axes[n_in:])
+            y = y + self.param("bias", bias_init, self.out_shape, self.param_dtype).astype(self.dtype)
+        return y
+
+
+class GatedAttention(nn.Module):
+    """Multi-head self-attention; with `use_gate`, head outputs are gated by σ(x W_G + b_G) before W_O."""
+
+    dim: int
+    num_heads: int
+    qkv_bias: bool = True
+    use_gate: bool = True
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # x: [B, N, D]
+        d, heads, head_dim = self.dim, self.num_heads, self.dim // self.num_heads
+        kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        qkv = Linear(
+            (d,), (3, heads, head_dim), ("embed", "qkv", "heads", "kv"), self.qkv_bias, name="qkv", **kinds
+        )
+        qkv = qkv(x)  # [B, N, 3, H, Dh]
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, Dh] each
+        out = jax.nn.dot_product_attention(q, k, v)  # softmax(q kᵀ / √Dh) v: [B, N, H, Dh]
+        if self.use_gate:
+            gate = Linear((d,), (heads, head_dim), ("embed", "heads", "kv"), name="gate", **kinds)
+            out = out * jax.nn.sigmoid(gate(x))  # [B, N, H, Dh]
+        out = nn.with_logical_constraint(out, ACT_HEADS)
+        proj = Linear((heads, head_dim), (d,), ("heads", "kv", "embed"), name="proj", **kinds)
+        return proj(out)  # [B, N, D]
+
+
+class Mlp(nn.Module):
+    """fc1 → GELU (exact erf form) → fc2."""
+
+    dim: int
+    hidden_dim: int
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # x: [B, N, D]
+        kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = Linear((self.dim,), (self.hidden_dim,), ("embed", "mlp"), name="fc1", **kinds)(x)  # [B, N, M]
+        h = nn.with_logical_constraint(nn.gelu(h, approximate=False), ACT_MLP)
+        return Linear((self.hidden_dim,), (self.dim,), ("mlp", "embed"), name="fc2", **kinds)(h)  # [B, N, D]
+
+
+class Block(nn.Module):
+    """Transformer block with (gated) attention.
+
+    Post-norm (`layer_norm_first=False`, BAT/EAT/data2vec 2.0):  x ← LN₁(x + Attn(x)); x ← LN₂(x + MLP(x)).
+    Pre-norm  (`layer_norm_first=True`):                          x ← x + Attn(LN₁(x)); x ← x + MLP(LN₂(x)).
+    The gate reads the attention's own input (x in post-norm, LN₁(x) in pre-norm).
+    """
+
+    dim: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    use_gate: bool = True
+    layer_norm_first: bool = False
+    eps: float = 1e-6
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # x: [B, N, D]
+        kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        norm1 = layer_norm(self.eps, name="norm1", **kinds)
+        norm2 = layer_norm(self.eps, name="norm2", **kinds)
+        attn = GatedAttention(self.dim, self.num_heads, self.qkv_bias, self.use_gate, name="attn", **kinds)
+        mlp = Mlp(self.dim, int(self.dim * self.mlp_ratio), name="mlp", **kinds)
+        if self.layer_norm_first:
+            x = x + attn(norm1(x))
+            x = x + mlp(norm2(x))
+        else:
+            x = norm1(x + attn(x))
+            x = norm2(x + mlp(x))
+        return nn.with_logical_constraint(x, ACT_TOKENS)
