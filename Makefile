@@ -13,12 +13,12 @@ TORCH  ?= torch==2.13.0
 # Create or refresh the virtual environment and install bat-jax with its dev tools.
 venv:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq -e '.[dev]'
 
 # The test environment: the above plus torch (CPU) for the *.pt checkpoint tests.
 venv-test: venv-test
-	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install --quiet '$(TORCH)'
+	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -qq '$(TORCH)'
 
 # The main job on the embedded synthetic dataset: prepare spectrogram shards and print a summary.
 demo: venv
