@@ -17,7 +17,7 @@ venv:
 	$(PY) -m pip install -qq -e '.[dev]'
 
 # The test environment: the above plus torch (CPU) for the *.pt checkpoint tests.
-venv-test: venv-test
+venv-test: venv
 	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -qq '$(TORCH)'
 
 # The main job on the embedded synthetic dataset: prepare spectrogram shards and print a summary.
