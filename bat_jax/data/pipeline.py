@@ -49,6 +49,7 @@ guard. Speed (benchmarks/pipeline.py): the record read dominates; shards written
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import sys
@@ -411,6 +412,8 @@ class PretrainLoader:
         return self
 
     def __next__(self) -> Batch:
+        if self._iterator is None:
+            raise RuntimeError("this PretrainLoader was closed; build a new one (and set_state) to go on")
         return self._place(next(self._iterator))
 
     def get_state(self) -> bytes:
@@ -431,6 +434,10 @@ class PretrainLoader:
         inner = getattr(self._iterator, "_iterator", None)
         if inner is not None and hasattr(inner, "close"):
             inner.close()
+        # Drop the iterators now: left to interpreter shutdown, Grain's __del__ hooks run after its
+        # modules are torn down and print tracebacks.
+        self._iterator = inner = None
+        gc.collect()
 
     def __enter__(self) -> PretrainLoader:
         return self
