@@ -1,0 +1,325 @@
+"""BAT's self-supervised objective (PAPER.md §2.4): masked student + ViT decoder, EMA teacher, two losses.
+
+    loss, metrics = bat_ssl_loss(params, teacher_params, spec, key, config)
+
+``params = {"encoder": …, "decoder": …}`` are the student's (trainable) parameters, ``teacher_params`` the
+EMA copy of the student encoder's, ``spec`` [B, T, F] a batch of log-mel clips. One call:
+
+1. draws V inverse block masks per clip on device (``bat_jax.models.masking``): rows clip-major, K kept
+   patches per view (102 of 512 for BAT);
+2. student: patch-embeds each clip once, adds the fixed sin-cos positions, gathers the K kept tokens of each
+   view, prepends CLS, applies ``pre_norm`` and the encoder blocks (as the reference's masked student:
+   positions before the gather, pre-norm after the CLS concat) → final CLS [B·V, D] and kept tokens;
+3. decoder: kept tokens scattered among mask tokens → predictions for all N patches [B·V, N, D];
+4. teacher (under ``stop_gradient``): the encoder on the full clip, once per clip; every block's patch
+   outputs [L, B, N, D] (``target="eob"``, BAT) or every block's MLP output before the residual add
+   (``target="ffn"``, data2vec 2.0 / EAT) → ``ssl_targets`` [B, N, D];
+5. ``ssl_losses``: global (CLS vs token-mean target) + local (masked patches) MSE, in float32.
+
+Teacher arrays keep one row per clip; nothing is repeated V times except the kept tokens the student needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bat_jax.convert.mapping import import_reference_state
+from bat_jax.models.config import EncoderConfig, bat_base, tiny
+from bat_jax.models.decoder import (
+    DecoderConfig,
+    VitDecoder,
+    decoder_params_from_reference,
+    init_decoder_params,
+)
+from bat_jax.models.encoder import BatEncoder
+from bat_jax.models.encoder import init_params as init_encoder_params
+from bat_jax.models.layers import Mlp
+from bat_jax.models.masking import inverse_block_masks
+from bat_jax.models.ssl import pred_var, ssl_losses, ssl_targets, target_var
+
+Array = jax.Array
+PyTree = Any
+_WHERE = "bat_jax/models/bat_ssl.py"
+
+TARGET_EOB = "eob"  # end-of-block outputs (BAT)
+TARGET_FFN = "ffn"  # MLP outputs before the residual add (data2vec 2.0 / EAT)
+TARGETS = (TARGET_EOB, TARGET_FFN)
+
+
+@dataclasses.dataclass(frozen=True)
+class SSLConfig:
+    """Every number of the pretraining objective. Hashable: a static argument of the jitted step."""
+
+    encoder: EncoderConfig = dataclasses.field(default_factory=bat_base)
+    frames: int = 1024  # spectrogram frames per clip (T); the decoder has one position per patch
+    num_views: int = 16  # masked views per clip (V)
+    mask_ratio: float = 0.8
+    mask_block: int = 5  # inverse block masking: block side in patches
+    mask_adjust: float = 0.07  # extra keep ratio when drawing block centres
+    decoder_depth: int = 6
+    decoder_heads: int = 12
+    decoder_mlp_ratio: float = 4.0
+    decoder_dim: int | None = None  # None: the encoder width
+    decoder_remat_policy: str | None = None  # None: the encoder's remat policy
+    global_weight: float = 1.0
+    local_weight: float = 1.0
+    target: str = TARGET_EOB  # "eob" (BAT) or "ffn" (data2vec 2.0 / EAT)
+    target_eps: float = 1e-6
+    instance_norm_targets: bool = True
+    layer_norm_targets: bool = True
+    ema_start: float = 0.9998
+    ema_end: float = 0.99999
+    ema_warmup_steps: int = 100_000
+
+    def __post_init__(self):
+        problems = []
+        patch_t = self.encoder.patch_size[0]
+        if self.frames <= 0 or self.frames % patch_t:
+            problems.append(f"frames must be a positive multiple of {patch_t}, got {self.frames}")
+        elif self.num_patches > self.encoder.max_positions:
+            problems.append(
+                f"{self.frames} frames give {self.num_patches} patches, more than the encoder's sin-cos "
+                f"table {self.encoder.pos_grid} holds ({self.encoder.max_positions})"
+            )
+        if self.num_views < 1:
+            problems.append(f"num_views must be >= 1, got {self.num_views}")
+        if self.target not in TARGETS:
+            problems.append(f"target must be one of {TARGETS}, got {self.target!r}")
+        if problems:
+            raise ValueError(f"invalid SSLConfig ({_WHERE}): " + "; ".join(problems))
+        _ = self.decoder  # validates the decoder's numbers too
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid (time patches T', frequency patches F') of one clip; tokens are time-major."""
+        return (self.frames // self.encoder.patch_size[0], self.encoder.freq_patches)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def decoder(self) -> DecoderConfig:
+        enc = self.encoder
+        return DecoderConfig(
+            in_dim=enc.dim,
+            dim=self.decoder_dim,
+            depth=self.decoder_depth,
+            num_heads=self.decoder_heads,
+            mlp_ratio=self.decoder_mlp_ratio,
+            use_gate=enc.use_gate,
+            eps=enc.eps,
+            grid=self.grid,
+            remat_policy=enc.remat_policy if self.decoder_remat_policy is None else self.decoder_remat_policy,
+            dtype=enc.dtype,
+            param_dtype=enc.param_dtype,
+        )
+
+    def replace(self, **changes: Any) -> SSLConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def ssl_bat_base(**overrides: Any) -> SSLConfig:
+    """BAT pretraining: ViT-B/16 gated encoder, 6-block ViT decoder (12 heads, MLP ratio 4), 16 views."""
+    return SSLConfig(**{"encoder": bat_base(), **overrides})
+
+
+def ssl_tiny(**overrides: Any) -> SSLConfig:
+    """The size of the reference SSL fixture: tiny encoder (64 wide, 3 blocks), 2 decoder blocks of 4 heads,
+    4 views per clip."""
+    return SSLConfig(
+        **{"encoder": tiny(), "decoder_depth": 2, "decoder_heads": 4, "num_views": 4, **overrides}
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parameters
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(config: SSLConfig) -> Callable[[Array], dict[str, Any]]:
+    def init(rng: Array) -> dict[str, Any]:
+        enc_key, dec_key = jax.random.split(rng)
+        return {
+            "encoder": init_encoder_params(config.encoder, enc_key),
+            "decoder": init_decoder_params(config.decoder, dec_key),
+        }
+
+    return jax.jit(init)  # one compilation for both networks
+
+
+def init_params(config: SSLConfig, rng: Array) -> dict[str, Any]:
+    """Random student parameters ``{"encoder", "decoder"}``, boxed with logical axis names (see `unbox`).
+    Works inside ``jax.jit(..., out_shardings=...)`` under a mesh and logical rules, as the encoder's."""
+    return _jitted_init(config)(rng)
+
+
+def abstract_params(config: SSLConfig) -> dict[str, Any]:
+    """Shapes and dtypes of the (boxed) student parameters, without allocating or compiling anything."""
+    return jax.eval_shape(_jitted_init(config), jax.random.key(0))
+
+
+def params_from_reference(state: Mapping[str, np.ndarray], config: SSLConfig, where: str) -> dict[str, Any]:
+    """The reference student's tensors (``encoder.*``, ``decoder.*``; numpy) → plain numpy params
+    ``{"encoder", "decoder"}``. Strict: missing, unexpected or misshapen keys raise ValueError."""
+    parts: dict[str, dict[str, np.ndarray]] = {"encoder": {}, "decoder": {}}
+    stray = []
+    for key, value in state.items():
+        prefix, _, rest = key.partition(".")
+        if prefix in parts and rest:
+            parts[prefix][rest] = value
+        else:
+            stray.append(key)
+    if stray:
+        raise ValueError(
+            f"{where}: expected only 'encoder.*' and 'decoder.*' keys of a reference SSL student, found "
+            f"{sorted(stray)[:8]}"
+        )
+    enc_cfg, encoder = import_reference_state(parts["encoder"], config.encoder, f"{where} (encoder.*)")
+    if enc_cfg.pos_grid != config.encoder.pos_grid:
+        raise ValueError(
+            f"{where}: encoder.pos_embed uses the sin-cos grid {enc_cfg.pos_grid}, expected the config's "
+            f"{config.encoder.pos_grid}"
+        )
+    decoder = decoder_params_from_reference(parts["decoder"], config.decoder, f"{where} (decoder.*)")
+    return {"encoder": encoder, "decoder": decoder}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Networks (functions of a bound BatEncoder, run with `apply(..., method=...)`)
+
+
+def _tokens_with_positions(module: BatEncoder, spec: Array) -> Array:
+    """[B, T, F] → patch tokens + fixed positions [B, N, D] (time-major, the first N sin-cos entries)."""
+    tokens = module.embed_patches(spec)  # [B, T', F', D]
+    b, t, f, d = tokens.shape
+    return tokens.reshape(b, t * f, d) + module.positions(t * f)  # [B, N, D]
+
+
+def _masked_student(module: BatEncoder, spec: Array, ids_keep: Array, num_views: int) -> tuple[Array, Array]:
+    """Final CLS [B·V, D] and kept patch tokens [B·V, K, D] of every masked view."""
+    x = _tokens_with_positions(module, spec)  # [B, N, D]
+    b, _, d = x.shape
+    ids = ids_keep.reshape(b, num_views, -1)  # [B, V, K] (rows are clip-major)
+    # A gather batched over clips (shards with the batch): each clip's tokens are read by its V views.
+    x = jax.vmap(lambda tokens, idx: tokens[idx])(x, ids)  # [B, V, K, D]
+    last = module.encode_sequence(x.reshape(b * num_views, -1, d))[-1]  # [B·V, 1 + K, D]
+    return last[:, 0], last[:, 1:]
+
+
+def _teacher_layers(module: BatEncoder, spec: Array) -> Array:
+    """Every block's patch outputs on the full clip: [L, B, N, D] (CLS dropped)."""
+    return module.encode_sequence(_tokens_with_positions(module, spec))[:, :, 1:]
+
+
+def _is_mlp(module: Any, method_name: str) -> bool:
+    return isinstance(module, Mlp) and method_name == "__call__"
+
+
+def student_forward(params: PyTree, spec: Array, ids_keep: Array, config: SSLConfig) -> tuple[Array, Array]:
+    """Student encoder on the kept patches + decoder: CLS [B·V, D], predictions [B·V, N, D]."""
+    cls, kept = BatEncoder(config.encoder).apply(
+        {"params": params["encoder"]}, spec, ids_keep, config.num_views, method=_masked_student
+    )
+    pred = VitDecoder(config.decoder).apply({"params": params["decoder"]}, kept, ids_keep)
+    return cls, pred
+
+
+def teacher_layer_outputs(teacher_params: PyTree, spec: Array, config: SSLConfig) -> Array:
+    """The teacher's per-layer target features [L, B, N, D]: end-of-block outputs or MLP outputs."""
+    module = BatEncoder(config.encoder)
+    variables = {"params": teacher_params}
+    if config.target == TARGET_EOB:
+        return module.apply(variables, spec, method=_teacher_layers)
+    _, state = module.apply(
+        variables, spec, method=_teacher_layers, capture_intermediates=_is_mlp, mutable=["intermediates"]
+    )
+    inter = state["intermediates"]
+    ffn = [inter[f"blocks_{i}"]["mlp"]["__call__"][0] for i in range(config.encoder.depth)]  # [B, 1 + N, D]
+    return jnp.stack(ffn)[:, :, 1:]  # [L, B, N, D]
+
+
+def teacher_targets(teacher_params: PyTree, spec: Array, config: SSLConfig) -> Array:
+    """Normalised, layer-averaged teacher targets [B, N, D] (float32, no gradient)."""
+    layers = teacher_layer_outputs(jax.lax.stop_gradient(teacher_params), spec, config)
+    targets = ssl_targets(
+        layers,
+        config.target_eps,
+        instance_norm=config.instance_norm_targets,
+        layer_norm=config.layer_norm_targets,
+    )
+    return jax.lax.stop_gradient(targets)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loss
+
+
+def check_batch(spec: Array, config: SSLConfig) -> None:
+    expected = (config.frames, config.encoder.n_mels)
+    if spec.ndim != 3 or tuple(spec.shape[1:]) != expected:
+        raise ValueError(
+            f"bat_ssl_loss ({_WHERE}): expected spec [batch, {expected[0]}, {expected[1]}] "
+            f"(SSLConfig.frames, n_mels), found {tuple(spec.shape)}"
+        )
+
+
+def bat_ssl_loss_with_masks(
+    params: PyTree,
+    teacher_params: PyTree,
+    spec: Array,
+    mask: Array,
+    ids_keep: Array,
+    config: SSLConfig,
+) -> tuple[Array, dict[str, Array]]:
+    """The objective for given masks: ``mask`` [B·V, N] (True = masked), ``ids_keep`` [B·V, K] sorted,
+    rows clip-major. Returns (loss float32, metrics {loss, global_loss, local_loss, target_var, pred_var})."""
+    check_batch(spec, config)
+    rows = spec.shape[0] * config.num_views
+    if mask.shape != (rows, config.num_patches) or ids_keep.ndim != 2 or ids_keep.shape[0] != rows:
+        raise ValueError(
+            f"bat_ssl_loss ({_WHERE}): expected mask [{rows}, {config.num_patches}] and ids_keep [{rows}, K] "
+            f"for {spec.shape[0]} clips x {config.num_views} views, found {tuple(mask.shape)}, "
+            f"{tuple(ids_keep.shape)}"
+        )
+    targets = teacher_targets(teacher_params, spec, config)  # [B, N, D]
+    cls, pred = student_forward(params, spec, ids_keep, config)  # [B·V, D], [B·V, N, D]
+    metrics = ssl_losses(
+        pred, cls, targets, mask, config.num_views, config.global_weight, config.local_weight
+    )
+    metrics["target_var"] = target_var(targets)
+    metrics["pred_var"] = pred_var(jax.lax.stop_gradient(pred), mask)
+    return metrics["loss"], metrics
+
+
+def draw_masks(key: Array, batch_size: int, config: SSLConfig) -> tuple[Array, Array]:
+    """Inverse block masks for ``batch_size`` clips × V views: mask [B·V, N] bool, ids_keep [B·V, K] int32."""
+    out = inverse_block_masks(
+        key,
+        batch_size,
+        config.num_views,
+        config.grid,
+        config.mask_ratio,
+        config.mask_block,
+        config.mask_adjust,
+    )
+    return out.mask, out.ids_keep
+
+
+def bat_ssl_loss(
+    params: PyTree, teacher_params: PyTree, spec: Array, key: Array, config: SSLConfig
+) -> tuple[Array, dict[str, Array]]:
+    """BAT's pretraining objective on ``spec`` [B, T, F], masks drawn on device from ``key``.
+
+    Returns (loss float32, metrics {loss, global_loss, local_loss, target_var, pred_var}); differentiate
+    with respect to ``params`` (the teacher is under stop_gradient)."""
+    check_batch(spec, config)
+    mask, ids_keep = draw_masks(key, spec.shape[0], config)
+    return bat_ssl_loss_with_masks(params, teacher_params, spec, mask, ids_keep, config)

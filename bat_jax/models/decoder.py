@@ -1,0 +1,207 @@
+"""BAT's ViT decoder for masked latent regression (PAPER.md §2.2), a pure-functional Flax Linen module.
+
+The student encoder sees only the K kept patches of each view; the decoder predicts the teacher targets
+at every one of the N patch positions:
+
+    pred = VitDecoder(cfg).apply({"params": p}, tokens, ids_keep)   # [R, K, D_in], [R, K] → [R, N, D_in]
+
+1. an optional input projection D_in → D (no bias; only when the decoder width D differs from D_in);
+2. a [R, N, D] sequence filled with the learned mask token, the kept tokens scattered back to their
+   positions ``ids_keep`` (static shapes: one scatter, no padding);
+3. a trainable position table added to every token (kept and mask), initialised with the 2-D sin-cos
+   table of the ``(F', T')`` grid, as the reference decoder (the same layout as BAT's encoder table);
+4. ``depth`` post-norm gated blocks (no final norm: the last block ends in its LayerNorm);
+5. an output projection D → D_in without bias.
+
+No CLS token enters the decoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bat_jax.convert.mapping import Target, check_keys, check_shape, reference_key_map
+from bat_jax.models.config import REMAT_FULL, REMAT_NONE, EncoderConfig
+from bat_jax.models.encoder import block_class
+from bat_jax.models.layers import ACT_TOKENS, Linear, partitioned, sincos_2d
+
+Array = jax.Array
+_WHERE = "bat_jax/models/decoder.py"
+MASK_TOKEN_INIT_STD = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Architecture of the ViT decoder. BAT: 6 blocks at the encoder width, 12 heads, MLP ratio 4."""
+
+    in_dim: int = 768  # width of the encoder tokens it reads and of the predictions it writes
+    dim: int | None = None  # decoder width; None: in_dim (BAT, no input projection)
+    depth: int = 6
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    use_gate: bool = True
+    eps: float = 1e-6  # LayerNorm epsilon
+    grid: tuple[int, int] = (64, 8)  # token grid (time patches, frequency patches); tokens time-major
+    remat_policy: str = REMAT_NONE  # "none", "full" or a jax.checkpoint_policies name
+    dtype: str = "float32"  # computation dtype
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
+        problems = []
+        if min(self.width, self.depth, self.num_heads, self.in_dim) <= 0:
+            problems.append(
+                f"in_dim, dim, depth, num_heads must be positive, got {self.in_dim}, {self.width}, "
+                f"{self.depth}, {self.num_heads}"
+            )
+        elif self.width % self.num_heads:
+            problems.append(f"dim {self.width} must be divisible by num_heads {self.num_heads}")
+        if self.width % 4:
+            problems.append(f"dim {self.width} must be a multiple of 4 for the 2-D sin-cos positions")
+        if len(self.grid) != 2 or min(self.grid) < 1:
+            problems.append(f"grid must be (time patches, freq patches), both >= 1, got {self.grid}")
+        if self.remat_policy not in (REMAT_NONE, REMAT_FULL) and not hasattr(
+            jax.checkpoint_policies, self.remat_policy
+        ):
+            problems.append(
+                f"remat_policy must be 'none', 'full' or a jax.checkpoint_policies name, got "
+                f"{self.remat_policy!r}"
+            )
+        if problems:
+            raise ValueError(f"invalid DecoderConfig ({_WHERE}): " + "; ".join(problems))
+
+    @property
+    def width(self) -> int:
+        """The decoder's token width D (``dim``, or ``in_dim`` when ``dim`` is None)."""
+        return self.in_dim if self.dim is None else self.dim
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def pos_init_grid(self) -> tuple[int, int]:
+        """Layout of the sin-cos table the positions start from: (F', T'), as the reference decoder."""
+        return (self.grid[1], self.grid[0])
+
+
+class VitDecoder(nn.Module):
+    """Kept encoder tokens [R, K, D_in] + their indices [R, K] → predictions at all N patches [R, N, D_in]."""
+
+    config: DecoderConfig
+
+    def setup(self):
+        cfg = self.config
+        d = cfg.width
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        kinds = dict(dtype=dtype, param_dtype=param_dtype)
+        table = sincos_2d(d, cfg.pos_init_grid)  # [N, D] numpy
+        self.pos_embed = self.param(
+            "pos_embed",
+            partitioned(lambda _, shape, dtype: jnp.asarray(table, dtype), (None, "embed")),
+            table.shape,
+            param_dtype,
+        )
+        self.mask_token = self.param(
+            "mask_token",
+            partitioned(nn.initializers.normal(MASK_TOKEN_INIT_STD), ("embed",)),
+            (d,),
+            param_dtype,
+        )
+        if d != cfg.in_dim:
+            self.in_proj = Linear(
+                (cfg.in_dim,), (d,), ("embed", None), use_bias=False, name="in_proj", **kinds
+            )
+        block = block_class(cfg.remat_policy)
+        self.blocks = [
+            block(
+                dim=d,
+                num_heads=cfg.num_heads,
+                mlp_ratio=cfg.mlp_ratio,
+                qkv_bias=cfg.qkv_bias,
+                use_gate=cfg.use_gate,
+                layer_norm_first=False,
+                eps=cfg.eps,
+                **kinds,
+            )
+            for _ in range(cfg.depth)
+        ]
+        self.out_proj = Linear((d,), (cfg.in_dim,), (None, "embed"), use_bias=False, name="out_proj", **kinds)
+
+    def __call__(self, tokens: Array, ids_keep: Array) -> Array:  # [R, K, D_in], [R, K] → [R, N, D_in]
+        cfg = self.config
+        rows, kept = ids_keep.shape
+        if tokens.ndim != 3 or tokens.shape[:2] != (rows, kept) or tokens.shape[2] != cfg.in_dim:
+            raise ValueError(
+                f"VitDecoder ({_WHERE}): expected tokens [{rows}, {kept}, {cfg.in_dim}] for ids_keep "
+                f"{tuple(ids_keep.shape)}, found {tuple(tokens.shape)}"
+            )
+        dtype = jnp.dtype(cfg.dtype)
+        x = tokens.astype(dtype)
+        if cfg.width != cfg.in_dim:
+            x = self.in_proj(x)  # [R, K, D]
+        mask_tokens = jnp.broadcast_to(self.mask_token.astype(dtype), (cfg.num_patches, cfg.width))  # [N, D]
+        # A scatter batched over rows (shards with the batch): kept tokens overwrite their mask tokens.
+        x = jax.vmap(lambda row, idx: mask_tokens.at[idx].set(row, unique_indices=True))(x, ids_keep)
+        x = x + self.pos_embed.astype(dtype)  # [R, N, D]
+        x = nn.with_logical_constraint(x, ACT_TOKENS)
+        for block in self.blocks:
+            x = block(x)
+        return self.out_proj(x)  # [R, N, D_in]
+
+
+def init_decoder_params(config: DecoderConfig, rng: Array) -> dict[str, Any]:
+    """Random (boxed) decoder parameters; `bat_jax.models.encoder.unbox` gives plain arrays."""
+    kept = 1
+    tokens = jnp.zeros((1, kept, config.in_dim), jnp.dtype(config.dtype))
+    return VitDecoder(config).init(rng, tokens, jnp.zeros((1, kept), jnp.int32))["params"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference (PyTorch) layout: `decoder.*` keys of the reference student
+
+
+def _block_key_map(config: DecoderConfig) -> dict[str, Any]:
+    """The `blocks.{i}.*` entries of the encoder key map, at the decoder's sizes (same block layout)."""
+    as_encoder = EncoderConfig(
+        dim=config.width,
+        depth=config.depth,
+        num_heads=config.num_heads,
+        mlp_ratio=config.mlp_ratio,
+        qkv_bias=config.qkv_bias,
+        use_gate=config.use_gate,
+    )
+    return {k: v for k, v in reference_key_map(as_encoder).items() if k.startswith("blocks.")}
+
+
+def decoder_params_from_reference(
+    state: Mapping[str, np.ndarray], config: DecoderConfig, where: str
+) -> dict[str, Any]:
+    """Reference decoder tensors (keys without the `decoder.` prefix: `pos_embed` [1, N, D],
+    `mask_token` [1, 1, D], `in_proj.weight`, `blocks.{i}.*`, `out_proj.weight`) → plain numpy params."""
+    d, d_in, n = config.width, config.in_dim, config.num_patches
+    key_map = dict(_block_key_map(config))
+    key_map["pos_embed"] = Target(("pos_embed",), (1, n, d), lambda x: x.reshape(n, d))
+    key_map["mask_token"] = Target(("mask_token",), (1, 1, d), lambda x: x.reshape(d))
+    key_map["out_proj.weight"] = Target(("out_proj", "kernel"), (d_in, d), lambda x: x.T)
+    if d != d_in:
+        key_map["in_proj.weight"] = Target(("in_proj", "kernel"), (d, d_in), lambda x: x.T)
+    check_keys(state, set(key_map), where)
+    note = f"a decoder with {config}"
+    params: dict[str, Any] = {}
+    for key, target in key_map.items():
+        value = np.asarray(state[key])
+        check_shape(key, value.shape, target.shape, where, note)
+        node = params
+        for part in target.path[:-1]:
+            node = node.setdefault(part, {})
+        node[target.path[-1]] = np.ascontiguousarray(target.convert(value)).astype(np.float32)
+    return params

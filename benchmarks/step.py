@@ -1,0 +1,191 @@
+"""One full BAT pretraining step: student forward + backward on V masked views per clip, EMA-teacher forward,
+ViT decoder, AdamW update and EMA update, jitted (state donated), warm-up excluded.
+
+    python -m benchmarks.step                                  # tiny, then BAT-B (1 clip × 16 views), CPU
+    python -m benchmarks.step --size base --batch 48 --views 16 --dtype bfloat16      # a GPU / TPU
+
+Reports compile time (AOT lower + compile; the jitted step reuses the executable), seconds per step (median
+after one warm-up step), the jit cache size (stays 1: new mask keys never recompile), and the model FLOPs
+counted two ways: analytically (formula below) and by XLA (`compiled.cost_analysis()["flops"]`), each as
+achieved FLOP/s and as a fraction of a large jitted matmul's FLOP/s measured in the same run.
+
+Analytic count (matmuls only; LayerNorm, GELU, softmax, masking and the optimizer are not counted):
+    one block on n tokens of width D, MLP width M, per sequence:
+        2·n·(3D² qkv + D² out + D² gate + 2·D·M mlp) + 4·n²·D (q·kᵀ, attn·v)  = 26·n·D² + 4·n²·D (M = 4D)
+    student encoder: B·V sequences of K + 1 tokens (K = 102 kept + CLS), L blocks, + patch embedding
+    decoder:         B·V sequences of N = 512 tokens, L_dec blocks, + output projection 2·N·D_dec·D
+    teacher:         B sequences of N + 1 tokens, L blocks, + patch embedding (2·N·256·D per clip)
+    step = 3 × (student + decoder) (forward + backward ≈ 3 forwards) + 1 × teacher (forward only)
+Params are float32; ``--dtype bfloat16`` sets the computation dtype of the encoder and decoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bat_jax.models import bat_ssl
+from bat_jax.models.encoder import param_count
+from bat_jax.models.masking import num_kept
+from bat_jax.train.step import init_train_state, jit_train_step, make_optimizer
+
+SIZES = {"tiny": bat_ssl.ssl_tiny, "base": bat_ssl.ssl_bat_base}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=["tiny", "base", "both"], default="both", help="both: tiny, then base")
+    p.add_argument("--batch", type=int, default=1, help="clips per step")
+    p.add_argument("--views", type=int, default=16, help="masked views per clip")
+    p.add_argument("--frames", type=int, default=1024)
+    p.add_argument("--iters", type=int, default=2, help="timed steps after one warm-up step")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="computation dtype")
+    p.add_argument("--remat", default="none", help="none, full or a jax.checkpoint_policies name")
+    p.add_argument("--matmul", type=int, default=4096, help="side of the square reference matmul (0: skip)")
+    return p.parse_args(argv)
+
+
+def make_config(size: str, args: argparse.Namespace) -> bat_ssl.SSLConfig:
+    cfg = SIZES[size](num_views=args.views, frames=args.frames)
+    encoder = cfg.encoder.replace(dtype=args.dtype, param_dtype="float32", remat_policy=args.remat)
+    return cfg.replace(encoder=encoder)
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def block_flops(n: int, d: int, mlp: int, gate: bool) -> int:
+    """Matmul FLOPs of one transformer block on one sequence of n tokens (forward)."""
+    dense = 3 * d * d + d * d + (d * d if gate else 0) + 2 * d * mlp
+    return 2 * n * dense + 4 * n * n * d
+
+
+def analytic_flops(cfg: bat_ssl.SSLConfig, batch: int) -> dict[str, float]:
+    enc, dec = cfg.encoder, cfg.decoder
+    n, k, rows = cfg.num_patches, num_kept(cfg.num_patches, cfg.mask_ratio), batch * cfg.num_views
+    patch_area = enc.patch_size[0] * enc.patch_size[1]
+    embed = 2 * batch * n * patch_area * enc.dim  # once per clip (the views gather from it)
+    student = embed + rows * enc.depth * block_flops(k + 1, enc.dim, enc.mlp_dim, enc.use_gate)
+    d_dec = dec.width
+    decoder = rows * dec.depth * block_flops(n, d_dec, int(d_dec * dec.mlp_ratio), dec.use_gate)
+    decoder += 2 * rows * n * d_dec * enc.dim  # out_proj
+    if d_dec != enc.dim:
+        decoder += 2 * rows * k * enc.dim * d_dec  # in_proj
+    teacher = embed + batch * enc.depth * block_flops(n + 1, enc.dim, enc.mlp_dim, enc.use_gate)
+    return {
+        "student_fwd": float(student),
+        "decoder_fwd": float(decoder),
+        "teacher_fwd": float(teacher),
+        "step": float(3 * (student + decoder) + teacher),
+    }
+
+
+def xla_flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+def matmul_flops_per_s(side: int, dtype: str, iters: int = 3) -> float:
+    """FLOP/s of a jitted [side, side] @ [side, side] matmul (median of `iters` after a warm-up)."""
+    keys = jax.random.split(jax.random.key(0))
+    a, b = (jax.random.normal(k, (side, side), jnp.dtype(dtype)) for k in keys)
+    mm = jax.jit(jnp.matmul)
+    jax.block_until_ready(mm(a, b))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(mm(a, b))
+        times.append(time.perf_counter() - t0)
+    return 2.0 * side**3 / float(np.median(times))
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def bench(size: str, args: argparse.Namespace, peak: float | None) -> dict:
+    cfg = make_config(size, args)
+    tx = make_optimizer(peak_lr=5e-4, warmup_steps=10, total_steps=1000)
+    t0 = time.perf_counter()
+    state = init_train_state(cfg, tx, jax.random.key(0))
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - t0
+
+    rng = np.random.default_rng(0)
+    spec = jnp.asarray(rng.random((args.batch, cfg.frames, cfg.encoder.n_mels), dtype=np.float32))
+    key = jax.random.key(1)
+    step = jit_train_step(cfg, tx)
+
+    t0 = time.perf_counter()
+    lowered = step.lower(state, spec, key)
+    lower_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    state, metrics = step(state, spec, jax.random.fold_in(key, 0))  # warm-up (reuses the executable)
+    jax.block_until_ready(metrics)
+    first_s = time.perf_counter() - t0
+    times = []
+    for i in range(args.iters):
+        t0 = time.perf_counter()
+        state, metrics = step(state, spec, jax.random.fold_in(key, i + 1))
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    step_s = float(np.median(times))
+
+    flops = analytic_flops(cfg, args.batch)
+    counted = xla_flops(compiled)
+    result = {
+        "size": size,
+        "params_student": param_count(bat_ssl.abstract_params(cfg)),
+        "batch_clips": args.batch,
+        "views": cfg.num_views,
+        "frames": cfg.frames,
+        "dtype": args.dtype,
+        "remat": args.remat,
+        "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind} x{jax.device_count()}",
+        "init_s": round(init_s, 2),
+        "lower_s": round(lower_s, 2),
+        "compile_s": round(compile_s, 2),
+        "first_step_s": round(first_s, 3),
+        "step_s_median": round(step_s, 3),
+        "step_s_all": [round(t, 3) for t in times],
+        "jit_cache_size": step._cache_size(),
+        "loss": round(float(metrics["loss"]), 4),
+        "flops_analytic": {k: f"{v:.4g}" for k, v in flops.items()},
+        "flops_xla": f"{counted:.4g}",
+        "flops_per_s_analytic": f"{flops['step'] / step_s:.4g}",
+        "flops_per_s_xla": f"{counted / step_s:.4g}",
+    }
+    if peak:
+        result["matmul_fraction_analytic"] = round(flops["step"] / step_s / peak, 3)
+        result["matmul_fraction_xla"] = round(counted / step_s / peak, 3)
+    return result
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    peak = None
+    if args.matmul:
+        peak = matmul_flops_per_s(args.matmul, args.dtype)
+        side = args.matmul
+        shape = f"{side}x{side} @ {side}x{side} {args.dtype}"
+        print(json.dumps({"matmul": shape, "flops_per_s": f"{peak:.4g}"}))
+    sizes = ["tiny", "base"] if args.size == "both" else [args.size]
+    results = []
+    for size in sizes:
+        results.append(bench(size, args, peak))
+        print(json.dumps(results[-1], indent=2), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
