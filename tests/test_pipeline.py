@@ -394,3 +394,17 @@ def test_two_real_processes_get_disjoint_records_in_global_batches(dataset, tmp_
             == results[1]["global_num_frames_sum"][b]
             == sum(local_sums)
         )
+
+
+def test_malloc_tuning_reaches_workers_env(monkeypatch):
+    """Spawned Grain workers read glibc's malloc settings from the environment at start-up."""
+    for name in pipeline.MALLOC_TUNING:
+        monkeypatch.delenv(name, raising=False)
+    pipeline.tune_malloc.cache_clear()
+    pipeline.tune_malloc()
+    for name, value in pipeline.MALLOC_TUNING.items():
+        assert int(os.environ[name]) == value
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")  # the user's own setting wins
+    pipeline.tune_malloc.cache_clear()
+    pipeline.tune_malloc()
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "12345"

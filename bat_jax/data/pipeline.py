@@ -48,10 +48,13 @@ guard. Speed (benchmarks/pipeline.py): the record read dominates; shards written
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import gc
 import json
 import math
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -244,6 +247,29 @@ class EpochShuffleSampler:
 # --------------------------------------------------------------------------------- processes and devices
 
 
+# glibc serves every allocation above 128 KiB (one 1024x128 fp16 clip is 256 KiB) with fresh mmap'ed pages
+# and returns them on free, so each record read, decode and batch pays page faults again; on the VMs we
+# measured that was ~40% of the per-clip cost (benchmarks/RESULTS.md). Raising the thresholds keeps those
+# buffers on the reused heap. Env vars for the spawned Grain workers (read at their start), mallopt for
+# this process; a value the user already set wins, and BAT_JAX_MALLOC_TUNING=0 turns it off. glibc only.
+MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": 32 << 20, "MALLOC_TRIM_THRESHOLD_": 256 << 20}
+_MALLOPT_PARAM = {"MALLOC_MMAP_THRESHOLD_": -3, "MALLOC_TRIM_THRESHOLD_": -1}  # M_MMAP_/M_TRIM_THRESHOLD
+
+
+@functools.cache
+def tune_malloc() -> None:
+    """Keep large (per-clip, per-batch) allocations on the heap in this process and its future workers."""
+    if not sys.platform.startswith("linux") or os.environ.get("BAT_JAX_MALLOC_TUNING") == "0":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    for name, value in MALLOC_TUNING.items():
+        value = int(os.environ.setdefault(name, str(value)))
+        libc.mallopt(_MALLOPT_PARAM[name], value)
+
+
 def _allow_grain_workers() -> None:
     """Grain's worker processes read absl flags; outside an absl app (our argparse CLI, pytest, notebooks)
     they were never parsed, so take the defaults."""
@@ -372,6 +398,7 @@ class PretrainLoader:
         process_count: int | None = None,
     ):
         where = "pretraining pipeline"
+        tune_malloc()
         if target_frames <= 0:
             raise ValueError(f"{where}: expected target_frames > 0, found {target_frames}")
         self.process_index, self.process_count = _process_index_and_count(process_index, process_count)
@@ -471,6 +498,7 @@ class EvalLoader:
         dtype: Any = np.float32,
     ):
         where = "evaluation pipeline"
+        tune_malloc()
         if target_frames <= 0:
             raise ValueError(f"{where}: expected target_frames > 0, found {target_frames}")
         self.process_index, self.process_count = _process_index_and_count(process_index, process_count)
