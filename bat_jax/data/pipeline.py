@@ -378,6 +378,28 @@ class BatchPlacement:
 # ---------------------------------------------------------------------------------------------- loaders
 
 
+def _setup_loader(
+    loader: Any,
+    where: str,
+    global_batch_size: int,
+    target_frames: int,
+    sharding: NamedSharding | None,
+    dtype: Any,
+    process_index: int | None,
+    process_count: int | None,
+) -> None:
+    """The checks and attributes both loaders share (process share of the batch, output dtype, placement)."""
+    tune_malloc()
+    if target_frames <= 0:
+        raise ValueError(f"{where}: expected target_frames > 0, found {target_frames}")
+    loader.process_index, loader.process_count = _process_index_and_count(process_index, process_count)
+    loader.global_batch_size = global_batch_size
+    loader.local_batch_size = check_global_batch(global_batch_size, loader.process_count, sharding, where)
+    loader.sharding = sharding
+    loader.dtype = _float_dtype(dtype, where)
+    loader._place = BatchPlacement(loader.dtype, sharding, global_batch_size)
+
+
 class PretrainLoader:
     """Endless, shuffled, rolled batches; a checkpointable iterator (see the module docstring)."""
 
@@ -398,15 +420,9 @@ class PretrainLoader:
         process_count: int | None = None,
     ):
         where = "pretraining pipeline"
-        tune_malloc()
-        if target_frames <= 0:
-            raise ValueError(f"{where}: expected target_frames > 0, found {target_frames}")
-        self.process_index, self.process_count = _process_index_and_count(process_index, process_count)
-        self.global_batch_size = global_batch_size
-        self.local_batch_size = check_global_batch(global_batch_size, self.process_count, sharding, where)
-        self.sharding = sharding
-        self.dtype = _float_dtype(dtype, where)
-        self._place = BatchPlacement(self.dtype, sharding, global_batch_size)
+        _setup_loader(
+            self, where, global_batch_size, target_frames, sharding, dtype, process_index, process_count
+        )
         source = IndexedSource(paths)
         if len(source) < self.process_count:
             raise ValueError(
@@ -498,15 +514,9 @@ class EvalLoader:
         dtype: Any = np.float32,
     ):
         where = "evaluation pipeline"
-        tune_malloc()
-        if target_frames <= 0:
-            raise ValueError(f"{where}: expected target_frames > 0, found {target_frames}")
-        self.process_index, self.process_count = _process_index_and_count(process_index, process_count)
-        self.global_batch_size = global_batch_size
-        self.local_batch_size = check_global_batch(global_batch_size, self.process_count, sharding, where)
-        self.sharding = sharding
-        self.dtype = _float_dtype(dtype, where)
-        self._place = BatchPlacement(self.dtype, sharding, global_batch_size)
+        _setup_loader(
+            self, where, global_batch_size, target_frames, sharding, dtype, process_index, process_count
+        )
         self.target_frames = target_frames
         self.num_classes = num_classes
         self.worker_count = worker_count
