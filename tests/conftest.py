@@ -7,9 +7,9 @@ import pytest
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-DATA = Path(__file__).parent / "data"
+GOLDEN = Path(__file__).parent / "golden"  # reference outputs of the official PyTorch code
 
 
 @pytest.fixture(scope="session")
-def data_dir() -> Path:
-    return DATA
+def golden_dir() -> Path:
+    return GOLDEN

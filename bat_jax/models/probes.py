@@ -16,7 +16,7 @@ Usage::
     layer_gates(params)                                                        # [L] convex layer gate
 
 Behaviour follows the official BAT code (``models/heads.py``), checked against its outputs in
-tests/test_probes.py; ``from_reference`` imports its weights. Parameters carry logical axis names
+tests/models/test_probes.py; ``from_reference`` imports its weights. Parameters carry logical axis names
 (``nn.with_logical_partitioning``) so large probes (K = 10,000 prototypes) can be sharded by a rules table.
 """
 

@@ -7,7 +7,7 @@ import pytest
 from bat_jax.models.bat_ssl import ssl_bat_base
 from bat_jax.train import config as train_config
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PRETRAIN = sorted((CONFIGS / "pretrain").glob("[!_]*.py"))
 
 

@@ -1,7 +1,7 @@
 """Probe heads (bat_jax.models.probes) and probe losses (bat_jax.models.losses).
 
-Parity data: tests/data/heads.npz holds the reference (PyTorch) heads' weights and eval-mode logits on the
-reference encoder features in tests/data/probe_features.npz (patches in the reference layout
+Parity data: tests/golden/heads.npz holds the reference (PyTorch) heads' weights and eval-mode logits on the
+reference encoder features in tests/golden/probe_features.npz (patches in the reference layout
 [L, B, D, T, F]); see /work/shared/reference/README.md.
 """
 
@@ -26,14 +26,14 @@ def _key(seed):
 
 
 @pytest.fixture(scope="module")
-def heads(data_dir):
-    with np.load(data_dir / "heads.npz") as z:
+def heads(golden_dir):
+    with np.load(golden_dir / "heads.npz") as z:
         return dict(z)
 
 
 @pytest.fixture(scope="module")
-def feats(data_dir):
-    with np.load(data_dir / "probe_features.npz") as z:
+def feats(golden_dir):
+    with np.load(golden_dir / "probe_features.npz") as z:
         f = dict(z)
     to_ours = (0, 1, 3, 4, 2)  # reference [L, B, D, T, F] -> ours [L, B, T, F, D]
     return {

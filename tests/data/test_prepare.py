@@ -236,6 +236,7 @@ def test_split_from_subdir_with_labels_from_dir(tmp_path):
     assert run_cli("--source", "folder", *args, "--out", tmp_path / "other") == 2
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_same_output_for_any_worker_count(tmp_path):
     args = [*SYNTH, "--num-clips", 6, "--num-eval-clips", 0, "--clips-per-shard", 4, "--multilabel"]
     assert run_cli(*args, "--workers", 2, "--out", tmp_path / "w2") == 0
@@ -364,6 +365,9 @@ def build_tiny_tfds(data_dir: Path) -> Path:
 
         class TinyAudio(tfds.core.GeneratorBasedBuilder):
             VERSION = tfds.core.Version("1.0.0")
+            # A one-part module name: TFDS looks up a packaged builder's files through importlib_resources,
+            # which it imports lazily and does not install.
+            __module__ = "tiny_audio"
 
             def _info(self):
                 features = {

@@ -1,6 +1,6 @@
-"""Worker of tests/test_pipeline.py::test_two_real_processes: one JAX process of a 2-process CPU job.
+"""Worker of tests/data/test_pipeline.py::test_two_real_processes: one JAX process of a 2-process CPU job.
 
-Usage: python tests/_pipeline_two_process.py PROCESS_ID PORT SHARD_DIR OUT_JSON
+Usage: python tests/data/_pipeline_two_process.py PROCESS_ID PORT SHARD_DIR OUT_JSON
 """
 
 import json

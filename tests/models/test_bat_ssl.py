@@ -1,9 +1,9 @@
 """BAT's SSL model and train step.
 
 Parity: one forward pass of the reference student (encoder + 2-block ViT decoder) and EMA teacher (same
-weights), float32 CPU, dim 64, 2 clips × 4 views. Inputs: tests/data/ssl_case/{spec.npz,
+weights), float32 CPU, dim 64, 2 clips × 4 views. Inputs: tests/golden/ssl_case/{spec.npz,
 ssl_student.safetensors} (copied from the golden ssl.npz / ssl_student.safetensors) and the masks in
-tests/data/ssl_masks.npz; reference outputs: tests/data/ssl_loss_case.npz (same golden file).
+tests/golden/ssl_masks.npz; reference outputs: tests/golden/ssl_loss_case.npz (same golden file).
 """
 
 import flax.linen as nn
@@ -32,12 +32,12 @@ def rel_err(out, ref) -> float:
 
 
 @pytest.fixture(scope="module")
-def case(data_dir):
+def case(golden_dir):
     out = {}
     for name in ("ssl_case/spec.npz", "ssl_masks.npz", "ssl_loss_case.npz"):
-        with np.load(data_dir / name) as f:
+        with np.load(golden_dir / name) as f:
             out.update({k: f[k] for k in f.files if k != "reference_masks_512"})
-    out["state"] = load_file(data_dir / "ssl_case" / "ssl_student.safetensors")
+    out["state"] = load_file(golden_dir / "ssl_case" / "ssl_student.safetensors")
     return out
 
 

@@ -70,9 +70,9 @@ def test_bat_base_parameter_count():
 # Positions
 
 
-def test_sincos_table_matches_reference_checkpoint(data_dir):
+def test_sincos_table_matches_reference_checkpoint(golden_dir):
     # The reference recomputes the (8, 64) grid table; the fixture stores the table it used.
-    table = load_file(str(data_dir / "bat_encoder" / "model.safetensors"))["pos_embed"][0]  # [512, 64]
+    table = load_file(str(golden_dir / "bat_encoder" / "model.safetensors"))["pos_embed"][0]  # [512, 64]
     np.testing.assert_allclose(sincos_2d(64, C.POS_GRID_BAT), table, atol=1e-6)
     # The (8, 64) grid is not the (time, freq) layout of the tokens: EAT's (64, 8) table differs.
     assert np.abs(sincos_2d(64, C.POS_GRID_EAT) - table).max() > 0.5

@@ -23,7 +23,7 @@ NUM_SHARDS = 3
 NUM_MELS = 16
 NUM_CLASSES = 6
 MAX_FRAMES = 48
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _write_clips(directory: Path, split: str, num_records: int, seed: int) -> dict[int, records.Clip]:
@@ -193,6 +193,7 @@ def test_pretrain_repeats_and_simulated_processes_are_disjoint(dataset):
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 22
 
 
+@pytest.mark.slow  # spawns worker processes
 @pytest.mark.parametrize("worker_count", [0, 1])
 def test_pretrain_state_restore_continues_the_same_batches(dataset, worker_count):
     _, paths, _ = dataset
@@ -327,6 +328,7 @@ def test_eval_pads_processes_with_fewer_records_with_invalid_batches(dataset):
     assert sum(map(sum, counts)) == NUM_RECORDS
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_eval_global_arrays_and_workers(dataset):
     _, paths, _ = dataset
     mesh = jax.make_mesh((8,), ("data",))
@@ -351,11 +353,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_two_real_processes_get_disjoint_records_in_global_batches(dataset, tmp_path):
     root, _, _ = dataset
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
-    script = str(REPO / "tests" / "_pipeline_two_process.py")
+    script = str(Path(__file__).with_name("_pipeline_two_process.py"))
     outs = [tmp_path / f"process{i}.json" for i in range(2)]
     procs = [
         subprocess.Popen(

@@ -1,4 +1,4 @@
-"""SSL objective pieces: losses against one forward pass of the reference (tests/data/ssl_loss_case.npz,
+"""SSL objective pieces: losses against one forward pass of the reference (tests/golden/ssl_loss_case.npz,
 copied from the golden ssl.npz: dim 64, 2 clips × 4 views), teacher targets against a direct numpy
 transcription of the formula, variance metrics, and the EMA schedule and update."""
 
@@ -27,8 +27,8 @@ _feature_std = jax.jit(feature_std)
 
 
 @pytest.fixture(scope="module")
-def case(data_dir):
-    with np.load(data_dir / "ssl_loss_case.npz") as f:
+def case(golden_dir):
+    with np.load(golden_dir / "ssl_loss_case.npz") as f:
         return {k: f[k] for k in f.files}
 
 

@@ -1,5 +1,5 @@
 """Inverse block masking: exact counts, independence, static shapes, and block statistics that match masks
-drawn by the reference implementation (tests/data/ssl_masks.npz, copied from the golden ssl.npz;
+drawn by the reference implementation (tests/golden/ssl_masks.npz, copied from the golden ssl.npz;
 ``reference_masks_512`` is stored bit-packed along the token axis, 1 = masked)."""
 
 import jax
@@ -24,8 +24,8 @@ K = 102
 
 
 @pytest.fixture(scope="module")
-def golden(data_dir):
-    with np.load(data_dir / "ssl_masks.npz") as f:
+def golden(golden_dir):
+    with np.load(golden_dir / "ssl_masks.npz") as f:
         ref = np.unpackbits(f["reference_masks_512"], axis=1, count=N).astype(bool)  # [512, N], True = masked
         return {"reference_masks": ref, "mask": f["mask"].astype(bool), "ids_keep": f["ids_keep_sorted"]}
 

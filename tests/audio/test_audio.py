@@ -1,4 +1,4 @@
-"""bat_jax.audio: front-end parity with the PyTorch reference (tests/data/frontend.npz), batching, edge cases,
+"""bat_jax.audio: front-end parity with the PyTorch reference (tests/golden/frontend.npz), batching, edge cases,
 and file loading."""
 
 import jax
@@ -17,8 +17,8 @@ SR = 16000
 
 
 @pytest.fixture(scope="module")
-def golden(data_dir):
-    with np.load(data_dir / "frontend.npz") as npz:
+def golden(golden_dir):
+    with np.load(golden_dir / "frontend.npz") as npz:
         return dict(npz)
 
 

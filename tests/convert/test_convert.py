@@ -34,8 +34,8 @@ def check_parity(enc, golden):
 
 
 @pytest.fixture(scope="module")
-def bat_dir(data_dir):
-    return data_dir / "bat_encoder"
+def bat_dir(golden_dir):
+    return golden_dir / "bat_encoder"
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +75,10 @@ def test_bat_parity(bat_dir, bat_golden, source):
     check_parity(enc, bat_golden)
 
 
-def test_eat_parity(data_dir):
-    enc = load_encoder(data_dir / "eat_encoder" / "checkpoint.pt", num_heads=4)
+def test_eat_parity(golden_dir):
+    enc = load_encoder(golden_dir / "eat_encoder" / "checkpoint.pt", num_heads=4)
     assert not enc.config.use_gate and enc.config.num_heads == 4
-    check_parity(enc, dict(np.load(data_dir / "eat_encoder" / "golden.npz")))
+    check_parity(enc, dict(np.load(golden_dir / "eat_encoder" / "golden.npz")))
 
 
 def test_all_formats_give_the_same_params(bat_dir):
@@ -102,8 +102,8 @@ def test_bfloat16_load(bat_dir, bat_golden):
 # Number of heads
 
 
-def test_heads_from_file_or_argument(tmp_path, data_dir, bat_dir):
-    eat = data_dir / "eat_encoder" / "checkpoint.pt"
+def test_heads_from_file_or_argument(tmp_path, golden_dir, bat_dir):
+    eat = golden_dir / "eat_encoder" / "checkpoint.pt"
     assert load_weights(eat)[0].num_heads == 4  # the fairseq checkpoint's stored model config
     with pytest.raises(ValueError, match="num_heads=8 was passed but its stored model config says 4"):
         load_weights(eat, num_heads=8)
@@ -177,9 +177,9 @@ def test_learned_positions_are_rejected(tmp_path, bat_dir, bat_state):
         load_encoder(folder)
 
 
-def test_eat_layout_position_table_is_recognised(tmp_path, data_dir):
+def test_eat_layout_position_table_is_recognised(tmp_path, golden_dir):
     # Released EAT/SSLAM checkpoints store the (time 64, freq 8) grid table; the reference uses it as is.
-    eat = data_dir / "eat_encoder" / "checkpoint.pt"
+    eat = golden_dir / "eat_encoder" / "checkpoint.pt"
     model = torch.load(eat, weights_only=True)["model"]
     table = sincos_2d(64, POS_GRID_EAT)[None]  # [1, 512, 64]
     model["modality_encoders.IMAGE.fixed_positional_encoder.positions"] = torch.from_numpy(table)
@@ -238,8 +238,8 @@ def test_convert_roundtrip(tmp_path, bat_dir, bat_golden, capsys):
     assert run_cli(["convert", str(bat_dir), str(out), "--overwrite"]) == 0
 
 
-def test_convert_eat_keeps_its_architecture(tmp_path, data_dir):
-    src, out = data_dir / "eat_encoder" / "checkpoint.pt", tmp_path / "eat"
+def test_convert_eat_keeps_its_architecture(tmp_path, golden_dir):
+    src, out = golden_dir / "eat_encoder" / "checkpoint.pt", tmp_path / "eat"
     assert run_cli(["convert", str(src), str(out), "--num-heads", "4"]) == 0
     config, params, kind = load_weights(out)
     assert kind == "bat_jax" and not config.use_gate and config.num_heads == 4
