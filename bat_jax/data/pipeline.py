@@ -134,7 +134,7 @@ def clip_example(
     n = int(clip["num_frames"])
     offset = int(rng.integers(n)) if rng is not None else 0
     example = {
-        "spec": roll_crop_pad(clip["features"], n, offset, target_frames),  # fp16 [T, F]
+        "spec": roll_crop_pad(clip["spec"], n, offset, target_frames),  # fp16 [T, F]
         "num_frames": np.int32(min(n, target_frames)),
         "clip_index": np.int32(index),
     }
@@ -528,7 +528,7 @@ class EvalLoader:
         self.end = self.num_records * (self.process_index + 1) // self.process_count
         largest = math.ceil(self.num_records / self.process_count)
         self.num_batches = math.ceil(largest / self.local_batch_size)
-        num_mels = records.decode(self._source[0][1])["features"].shape[1] if self.num_records else 0
+        num_mels = records.decode(self._source[0][1])["spec"].shape[1] if self.num_records else 0
         self._template = {
             "spec": ((target_frames, num_mels), np.float16),
             "num_frames": ((), np.int32),

@@ -1,10 +1,14 @@
 """The spectrogram shard record: one clip per ArrayRecord record, msgpack-encoded.
 
 A record holds
-    features    float16 [frames, n_mels]   the front-end output of the whole clip (or its cut/padded form)
+    spec        float16 [frames, n_mels]   the front-end output of the whole clip (or its cut/padded form)
     num_frames  int                        the true number of frames (<= frames; padding follows it)
     clip_id     str                        a stable id (relative path, TFDS key, or synthetic index)
     labels      list[int]                  class indices into the manifest's label vocabulary (multi-label)
+
+The spectrogram is called `spec` everywhere: in a record, in a `Clip`, in `decode`'s dict and in a loader's
+batch. Version 1 records (bat-jax before issue 6) stored it under the key "features"; `decode` still reads
+them, `encode` writes version 2.
 """
 
 from __future__ import annotations
@@ -14,32 +18,33 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Record version -> the msgpack key that holds the spectrogram bytes.
+SPEC_KEY = {1: "features", 2: "spec"}
+_FIELDS = ("shape", "num_frames", "clip_id", "labels")
 
 
 @dataclass(frozen=True)
 class Clip:
-    features: np.ndarray  # float16 [frames, n_mels]
+    spec: np.ndarray  # float16 [frames, n_mels]
     num_frames: int
     clip_id: str
     labels: tuple[int, ...] = field(default_factory=tuple)
 
 
 def encode(clip: Clip) -> bytes:
-    feats = np.ascontiguousarray(clip.features, dtype=np.float16)
-    if feats.ndim != 2:
+    spec = np.ascontiguousarray(clip.spec, dtype=np.float16)
+    if spec.ndim != 2:
+        raise ValueError(f"clip {clip.clip_id!r}: expected spec [frames, n_mels], found shape {spec.shape}")
+    if not 0 < clip.num_frames <= spec.shape[0]:
         raise ValueError(
-            f"clip {clip.clip_id!r}: expected features [frames, n_mels], found shape {feats.shape}"
-        )
-    if not 0 < clip.num_frames <= feats.shape[0]:
-        raise ValueError(
-            f"clip {clip.clip_id!r}: num_frames must be in [1, {feats.shape[0]}], found {clip.num_frames}"
+            f"clip {clip.clip_id!r}: num_frames must be in [1, {spec.shape[0]}], found {clip.num_frames}"
         )
     return msgpack.packb(
         {
             "v": FORMAT_VERSION,
-            "features": feats.tobytes(),
-            "shape": list(feats.shape),
+            "spec": spec.tobytes(),
+            "shape": list(spec.shape),
             "num_frames": int(clip.num_frames),
             "clip_id": str(clip.clip_id),
             "labels": [int(x) for x in clip.labels],
@@ -49,15 +54,39 @@ def encode(clip: Clip) -> bytes:
 
 
 def decode(record: bytes) -> dict:
-    """bytes -> dict: features float16 [frames, n_mels], num_frames int32, clip_id str, labels int32 [k]."""
-    d = msgpack.unpackb(record, raw=False)
-    if d.get("v") != FORMAT_VERSION:
+    """bytes -> dict: spec float16 [frames, n_mels], num_frames int32, clip_id str, labels int32 [k].
+
+    Reads versions 1 and 2. Raises ValueError, saying what was expected and found, on bytes that are not a
+    record (not msgpack, not a map, a missing key, a spectrogram whose size does not match its shape)."""
+    try:
+        d = msgpack.unpackb(record, raw=False)
+    except Exception as e:  # msgpack raises several unrelated types (ExtraData, FormatError, ValueError, ...)
+        raise ValueError(f"expected a msgpack shard record, found undecodable bytes ({type(e).__name__}: {e})")
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a msgpack map as shard record, found a {type(d).__name__}")
+    version = d.get("v")
+    if version not in SPEC_KEY:
         raise ValueError(
-            f"unknown shard record version {d.get('v')!r}; this bat-jax reads version {FORMAT_VERSION}"
+            f"unknown shard record version {version!r}; this bat-jax reads versions {sorted(SPEC_KEY)}"
         )
-    feats = np.frombuffer(d["features"], dtype=np.float16).reshape(d["shape"])
+    missing = [key for key in (SPEC_KEY[version], *_FIELDS) if key not in d]
+    if missing:
+        raise ValueError(f"shard record version {version}: expected keys {missing}, found {sorted(d)}")
+    data, shape = d[SPEC_KEY[version]], d["shape"]
+    if (
+        not isinstance(data, bytes)
+        or not isinstance(shape, list)
+        or len(shape) != 2
+        or not all(isinstance(n, int) and n >= 0 for n in shape)
+        or len(data) != 2 * shape[0] * shape[1]
+    ):
+        size = len(data) if isinstance(data, bytes) else type(data).__name__
+        raise ValueError(
+            f"shard record: expected a float16 spectrogram of shape [frames, n_mels], found shape {shape!r} "
+            f"with {size} bytes"
+        )
     return {
-        "features": feats,
+        "spec": np.frombuffer(data, dtype=np.float16).reshape(shape),
         "num_frames": np.int32(d["num_frames"]),
         "clip_id": d["clip_id"],
         "labels": np.asarray(d["labels"], dtype=np.int32),

@@ -136,7 +136,7 @@ def test_pretrain_roll_keeps_values_and_padding_at_the_end(dataset):
             batch["spec"], batch["num_frames"], batch["clip_index"], batch["labels"], strict=True
         ):
             clip = clips[int(index)]
-            valid = clip.features[: clip.num_frames].astype(np.float32)  # [n, F]
+            valid = clip.spec[: clip.num_frames].astype(np.float32)  # [n, F]
             assert num_frames == clip.num_frames
             assert not spec[num_frames:].any(), "padding must be zeros at the end"
             # The valid frames are a circular roll of the clip: the same values, in rotated order.
@@ -164,7 +164,7 @@ def test_pretrain_crop_pad_shapes_and_dtypes(dataset, dtype):
     for spec, n, index in zip(batch["spec"], batch["num_frames"], batch["clip_index"], strict=True):
         assert not np.asarray(spec[n:], np.float32).any()
         clip = clips[int(index)]
-        valid = clip.features[: clip.num_frames].astype(dtype)  # [n, F]
+        valid = clip.spec[: clip.num_frames].astype(dtype)  # [n, F]
         windows = [np.roll(valid, k, axis=0)[:n] for k in range(clip.num_frames)]
         assert any(np.array_equal(w, spec[:n]) for w in windows), "expected a window of the rolled clip"
 
@@ -305,7 +305,7 @@ def test_eval_covers_every_clip_exactly_once(dataset, process_count):
                 clip = clips[int(index)]
                 expected = np.zeros((24, NUM_MELS), np.float32)
                 m = min(clip.num_frames, 24)
-                expected[:m] = clip.features[:m]  # no roll, cropped, zero-padded
+                expected[:m] = clip.spec[:m]  # no roll, cropped, zero-padded
                 assert n == m
                 np.testing.assert_array_equal(spec, expected)
                 np.testing.assert_array_equal(labels, np.isin(np.arange(NUM_CLASSES), clip.labels))

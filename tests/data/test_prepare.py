@@ -124,13 +124,13 @@ def test_synthetic_end_to_end(tmp_path):
     for index, clip in enumerate(clips):
         wave, labels = synthetic.make_clip(index, config)
         assert clip["clip_id"] == synthetic.clip_id(index, config)
-        assert clip["features"].dtype == np.float16 and clip["features"].shape == (
+        assert clip["spec"].dtype == np.float16 and clip["spec"].shape == (
             wave.size // HOP + 1,
             N_MELS,
         )
         assert clip["num_frames"] == wave.size // HOP + 1
         assert tuple(clip["labels"]) == labels
-        np.testing.assert_allclose(clip["features"], BAT.compute(wave), atol=1e-3)
+        np.testing.assert_allclose(clip["spec"], BAT.compute(wave), atol=1e-3)
     manifest, clips = read_split(out, "eval")
     eval_ids = [synthetic.clip_id(sources.SYNTHETIC_EVAL_INDEX + i, config) for i in range(2)]
     assert [c["clip_id"] for c in clips] == eval_ids and manifest["splits"]["eval"]["num_clips"] == 2
@@ -168,7 +168,7 @@ def test_folder_with_csv_skips_broken_files_and_lists_them(tmp_path):
     for name, wave in waves.items():
         assert got[name]["labels"].tolist() == expected_labels[name]
         assert got[name]["num_frames"] == wave.size // HOP + 1
-        np.testing.assert_allclose(got[name]["features"], BAT.compute(wave), atol=2e-3)
+        np.testing.assert_allclose(got[name]["spec"], BAT.compute(wave), atol=2e-3)
     skipped = {s["source"]: s for s in manifest["skipped"]}
     assert set(skipped) == {"missing.wav", "corrupt.flac", "empty.wav", "notes.wav"}
     assert skipped["missing.wav"]["kind"] == "missing file" and "line 5" in skipped["missing.wav"]["reason"]
@@ -313,9 +313,9 @@ def test_clip_seconds_cuts_waves_and_pads_features_after_normalisation(tmp_path)
         wave = synthetic.make_clip(index, config)[0][: round(0.7 * SR)]  # cut before the front-end
         n = wave.size // HOP + 1
         lengths.append(n)
-        assert clip["features"].shape == (fixed, N_MELS) and clip["num_frames"] == n
-        np.testing.assert_allclose(clip["features"][:n], BAT.compute(wave), atol=1e-3)
-        assert not clip["features"][n:].any()  # zero padding after min-max normalisation
+        assert clip["spec"].shape == (fixed, N_MELS) and clip["num_frames"] == n
+        np.testing.assert_allclose(clip["spec"][:n], BAT.compute(wave), atol=1e-3)
+        assert not clip["spec"][n:].any()  # zero padding after min-max normalisation
     assert min(lengths) < fixed and max(lengths) == fixed  # both cut and padded clips were exercised
 
 
@@ -345,7 +345,7 @@ def test_kaldi_frontend_writes_raw_fbank(tmp_path):
         wave = synthetic.make_clip(index, config)[0]
         expected = KALDI.compute(wave)  # raw log-mel, not normalised
         assert clip["num_frames"] == 1 + (wave.size - 400) // HOP == expected.shape[0]
-        np.testing.assert_allclose(clip["features"].astype(np.float32), expected, rtol=1e-3, atol=1e-2)
+        np.testing.assert_allclose(clip["spec"].astype(np.float32), expected, rtol=1e-3, atol=1e-2)
 
 
 # ------------------------------------------------------------------------------------------------ TFDS
@@ -444,7 +444,7 @@ def test_tfds_source_with_and_without_tensorflow_metadata(tmp_path):
         wave = librosa.resample(item["audio"] / 32768.0, orig_sr=TFDS_RATE, target_sr=SR, res_type="soxr_hq")
         assert clip["clip_id"] == f"tiny_audio/train/{i}" and clip["labels"].tolist() == [item["label"]]
         assert clip["num_frames"] == wave.size // HOP + 1
-        np.testing.assert_allclose(clip["features"], BAT.compute(wave.astype(np.float32)), atol=2e-3)
+        np.testing.assert_allclose(clip["spec"], BAT.compute(wave.astype(np.float32)), atol=2e-3)
 
     # the tfds.data_source reader through the library API gives the same records
     plan = sources.tfds_source(
@@ -463,7 +463,7 @@ def test_tfds_source_with_and_without_tensorflow_metadata(tmp_path):
     assert [c["labels"].tolist() for c in tagged] == [sorted(via_tfds[i]["tags"]) for i in range(4)]
     assert all(len(c["labels"]) == 2 for c in tagged)
     for a, b in zip(clips, tagged, strict=True):
-        np.testing.assert_array_equal(a["features"], b["features"])
+        np.testing.assert_array_equal(a["spec"], b["spec"])
 
 
 def test_items_source_skips_bad_items_and_accepts_any_data_source(tmp_path):
