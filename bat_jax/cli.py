@@ -13,7 +13,7 @@ import sys
 
 # subcommand name -> module that defines add_parser(subparsers)
 SUBCOMMANDS = {
-    "prepare": "bat_jax.data.prepare",
+    "prepare": "bat_jax.data.prepare.cli",
     "convert": "bat_jax.convert.cli",
 }
 

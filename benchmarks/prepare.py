@@ -61,7 +61,7 @@ def steady_rate(inputs: Path, out: Path, workers: int, frontend_name: str, repea
     split = plan.splits[0]
     frontend = prepare.Frontend.create(frontend_name)
     best = 0.0
-    with prepare._Runner(workers, {split.name: split.loader}, frontend, len(plan.vocabulary)) as runner:
+    with prepare.Runner(workers, {split.name: split.loader}, frontend, len(plan.vocabulary)) as runner:
         warm_up = split.tasks[: 2 * prepare.TASKS_PER_SUBMIT * workers]
         assert all(r.record for r in runner.map(split.name, warm_up))
         for _ in range(repeats):

@@ -1,0 +1,51 @@
+"""`bat-jax prepare`: decode audio once, compute spectrograms, write ArrayRecord shards and a manifest.
+
+    source (folder / TFDS / synthetic) ──plan──▶ per split: sorted ClipTasks ──▶ fixed shard ranges
+        ──▶ worker processes: load → 16 kHz → cut → front-end (jax, CPU, 1 thread) → pad → encode
+        ──▶ this process: records in task order → <shard>.tmp → rename → <shard>.done.json
+        ──▶ manifest.json (last)
+
+Modules, in the order the data flows:
+    frontend   Frontend: the front-end with all its parameters, clip cutting/padding, length bucketing
+    workers    process_clip (one clip -> one record or a skip) and Runner (the worker-process pool)
+    output     output checks, resume, writing a split's missing shards, the manifest
+    job        prepare(): the whole job for a SourcePlan
+    summary    format_summary(): the text printed at the end
+    cli        the command line (add_parser, run)
+"""
+
+from bat_jax.data.prepare.cli import add_parser, plan_source, run
+from bat_jax.data.prepare.frontend import BUCKET_FRAMES, FRONTENDS, SAMPLE_RATE, Frontend
+from bat_jax.data.prepare.job import CLIPS_PER_SHARD, PrepareResult, prepare
+from bat_jax.data.prepare.output import OutputError, SplitRun, build_manifest, check_output
+from bat_jax.data.prepare.summary import format_summary
+from bat_jax.data.prepare.workers import (
+    TASKS_PER_SUBMIT,
+    ClipResult,
+    Runner,
+    default_workers,
+    process_clip,
+)
+
+__all__ = [
+    "BUCKET_FRAMES",
+    "CLIPS_PER_SHARD",
+    "FRONTENDS",
+    "SAMPLE_RATE",
+    "TASKS_PER_SUBMIT",
+    "ClipResult",
+    "Frontend",
+    "OutputError",
+    "PrepareResult",
+    "Runner",
+    "SplitRun",
+    "add_parser",
+    "build_manifest",
+    "check_output",
+    "default_workers",
+    "format_summary",
+    "plan_source",
+    "prepare",
+    "process_clip",
+    "run",
+]

@@ -1,0 +1,319 @@
+"""The `bat-jax prepare` command line: options, help text, the SourcePlan they describe, and `run`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bat_jax.data import shards, sources
+from bat_jax.data.prepare.frontend import FRONTENDS, Frontend
+from bat_jax.data.prepare.job import CLIPS_PER_SHARD, prepare
+from bat_jax.data.prepare.output import OutputError
+from bat_jax.data.prepare.summary import format_summary
+from bat_jax.data.prepare.workers import CLIPS_PER_DEFAULT_WORKER, MAX_DEFAULT_WORKERS, default_workers
+from bat_jax.data.sources import SourceError, SourcePlan
+
+DESCRIPTION = """\
+Decode audio once, compute spectrograms, and write them as ArrayRecord shards plus a manifest that the
+training and probing pipelines read.
+
+sources (--source):
+  folder     every audio file under --input, recursively (.wav .flac .ogg .mp3 .m4a .aiff .aif), mixed to
+             mono and resampled to 16 kHz (soxr_hq). Labels: --labels-csv FILE with rows `path,labels`
+             (path relative to --input; class names separated by ';'; a header row is optional, and
+             --csv-columns picks two named columns of a CSV that has one), or --labels-from-dir (the folder
+             holding a file names its class), or none. The vocabulary is the sorted set of class names, or
+             --labels-vocab FILE (one name per line, line i = label i). Files the CSV does not list are
+             unlabeled (skipped with --require-labels); rows naming missing files are skipped. One split
+             named --split, or with --split-from-subdir one split per subfolder of --input (train/, eval/).
+  tfds       a TFDS dataset prepared in the array_record format (tfds build NAME --file_format=array_record),
+             read with tfds.data_source, or without TensorFlow from its files directly: --tfds-name,
+             --tfds-split (comma-separated: one output split each), --tfds-data-dir. Audio from the feature
+             --tfds-audio-key (default audio) at its sample_rate (or --tfds-sample-rate), int16 PCM divided by
+             32768, resampled to 16 kHz; labels from the ClassLabel or Sequence(ClassLabel) feature
+             --tfds-label-key (default label), vocabulary = its class names.
+  synthetic  the built-in synthetic dataset (12 classes of sound events, generated from --seed, no
+             download): splits train (--num-clips) and eval (--num-eval-clips), --multilabel,
+             --min-seconds/--max-seconds.
+
+what is written (--out OUT):
+  OUT/<split>/<split>-00000-of-0000N.arrayrecord   one record per clip (bat_jax.data.records, msgpack):
+        spec float16 [frames, 128], num_frames (true length; zero padding follows), clip_id
+        (relative path, TFDS name/split/index or synthetic id), labels (class indices)
+  OUT/manifest.json   format version, front-end name and all its parameters, sample rate, clip handling,
+        label_vocabulary, per split: clips, skipped, frames, hours and the shard list; every skipped input
+        with its reason; the command line, bat-jax version and timing
+  OUT/.progress/      per-shard completion records, used to resume
+
+front-ends (--frontend):
+  bat    (default) BAT log-mel (bat_jax.audio.logmel): 1024-point STFT, hop 160, 128 HTK mels, dB with an
+         80 dB floor, min-max to [0, 1] per clip
+  kaldi  legacy EAT/SSLAM Kaldi fbank (bat_jax.audio.kaldi_fbank), stored raw: the (x - mean) / (2 std)
+         dataset normalisation is applied later (bat_jax.audio.normalize_fbank)
+
+clip length (--clip-seconds N): a clip longer than N s is cut to its first N s before the front-end; the
+  features of a shorter clip are zero-padded after the front-end (after BAT's min-max, so padding = the
+  minimum, as in BAT) to the frame count of N s (bat: N*16000 // 160 + 1; 10.23 s -> 1024 frames).
+  num_frames keeps the true length. Default: every clip at its full length.
+
+robustness: unreadable, corrupt, empty and too-short inputs are skipped, listed in the manifest with their
+  reason and counted in the summary; the exit status is 1 only when nothing was written, or with --strict
+  when anything was skipped. Output is deterministic (sorted inputs, fixed shard ranges, records in input
+  order whatever the worker count). Rerunning an interrupted command writes only the missing shards.
+  An output made with other settings is refused unless --overwrite. Separate runs may add splits to the
+  same OUT when the front-end, clip handling and label vocabulary agree (a folder run reuses the
+  vocabulary of an existing OUT).
+"""
+
+EXAMPLES = """\
+examples:
+  # the built-in synthetic dataset (train + eval)
+  bat-jax prepare --source synthetic --out data/synth --num-clips 2000 --num-eval-clips 500
+
+  # AudioSet from a folder of downloaded 10 s clips and a CSV `path,labels` you write from the segment
+  # lists (labels = class names or MIDs separated by ';'); one run per split, same --out
+  bat-jax prepare --source folder --input audioset/balanced_train --labels-csv balanced_train.csv \\
+      --split train --clip-seconds 10.23 --out data/as20k --workers 8
+  bat-jax prepare --source folder --input audioset/eval --labels-csv eval.csv \\
+      --split eval --clip-seconds 10.23 --out data/as20k --workers 8
+
+  # ESC-50 straight from its repository layout (meta/esc50.csv has columns filename and category)
+  bat-jax prepare --source folder --input ESC-50/audio --labels-csv ESC-50/meta/esc50.csv \\
+      --csv-columns filename,category --out data/esc50
+
+  # Speech Commands v2 from its folder layout (one folder per word; move _background_noise_ out first,
+  # or it becomes a class; the official validation/test lists are not applied: one split)
+  bat-jax prepare --source folder --input speech_commands_v0.02 --labels-from-dir --out data/sc2
+
+  # Speech Commands from TFDS (dataset speech_commands: splits train, validation, test)
+  bat-jax prepare --source tfds --tfds-name speech_commands --tfds-split train,validation,test \\
+      --out data/sc2_tfds
+  # (AudioSet and ESC-50 are not in the TFDS catalog; use a folder for them)
+
+  # legacy Kaldi fbank features for EAT / SSLAM checkpoints
+  bat-jax prepare --source folder --input ESC-50/audio --labels-csv ESC-50/meta/esc50.csv \\
+      --csv-columns filename,category --frontend kaldi --out data/esc50_kaldi
+"""
+
+# option -> the source it belongs to (used to reject options given to another source)
+_SOURCE_OPTIONS = {
+    "input": "folder",
+    "split": "folder",
+    "split_from_subdir": "folder",
+    "labels_csv": "folder",
+    "csv_columns": "folder",
+    "label_separator": "folder",
+    "labels_vocab": "folder",
+    "labels_from_dir": "folder",
+    "require_labels": "folder",
+    "tfds_name": "tfds",
+    "tfds_split": "tfds",
+    "tfds_data_dir": "tfds",
+    "tfds_audio_key": "tfds",
+    "tfds_label_key": "tfds",
+    "tfds_sample_rate": "tfds",
+    "num_clips": "synthetic",
+    "num_eval_clips": "synthetic",
+    "seed": "synthetic",
+    "multilabel": "synthetic",
+    "min_seconds": "synthetic",
+    "max_seconds": "synthetic",
+}
+_SYNTHETIC_DEFAULTS = {"num_clips": 200, "num_eval_clips": 50, "seed": 0}
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "prepare",
+        help="decode audio once and write spectrogram shards (ArrayRecord) + manifest.json",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--source", required=True, choices=("folder", "tfds", "synthetic"), help="where the audio comes from"
+    )
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="output folder (created; resumed if it exists)"
+    )
+    g = p.add_argument_group("folder source")
+    g.add_argument("--input", metavar="DIR", help="folder of audio files (searched recursively)")
+    g.add_argument("--split", metavar="NAME", help="name of the split written (default: train)")
+    g.add_argument(
+        "--split-from-subdir", action="store_true", default=None, help="one split per subfolder of --input"
+    )
+    g.add_argument("--labels-csv", metavar="FILE", help="CSV of path,labels rows (paths relative to --input)")
+    g.add_argument(
+        "--csv-columns",
+        metavar="PATH,LABELS",
+        help="the path and labels column names of a CSV with a header row (default: path,labels)",
+    )
+    g.add_argument(
+        "--label-separator", metavar="SEP", help="between class names in a labels cell (default: ';')"
+    )
+    g.add_argument(
+        "--labels-vocab", metavar="FILE", help="class names, one per line (line i = label index i)"
+    )
+    g.add_argument(
+        "--labels-from-dir", action="store_true", default=None, help="label = the folder holding the file"
+    )
+    g.add_argument(
+        "--require-labels",
+        action="store_true",
+        default=None,
+        help="skip files without labels instead of keeping them",
+    )
+    g = p.add_argument_group("tfds source")
+    g.add_argument(
+        "--tfds-name",
+        metavar="NAME",
+        help="TFDS dataset name, e.g. speech_commands (name[/config][:version])",
+    )
+    g.add_argument("--tfds-split", metavar="SPLITS", help="comma-separated TFDS splits (default: train)")
+    g.add_argument(
+        "--tfds-data-dir",
+        metavar="DIR",
+        help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)",
+    )
+    g.add_argument("--tfds-audio-key", metavar="KEY", help="audio feature name (default: audio)")
+    g.add_argument(
+        "--tfds-label-key", metavar="KEY", help="ClassLabel feature name (default: label, if present)"
+    )
+    g.add_argument(
+        "--tfds-sample-rate", type=int, metavar="HZ", help="the audio's rate when the feature has none"
+    )
+    g = p.add_argument_group("synthetic source")
+    g.add_argument("--num-clips", type=int, metavar="N", help="clips in split train (default: 200)")
+    g.add_argument("--num-eval-clips", type=int, metavar="N", help="clips in split eval (default: 50)")
+    g.add_argument("--seed", type=int, help="generator seed (default: 0)")
+    g.add_argument(
+        "--multilabel", action="store_true", default=None, help="1-3 events of distinct classes per clip"
+    )
+    g.add_argument("--min-seconds", type=float, metavar="S", help="shortest clip (default: 1.0)")
+    g.add_argument("--max-seconds", type=float, metavar="S", help="longest clip (default: 10.0)")
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "--frontend", choices=sorted(FRONTENDS), default="bat", help="spectrogram front-end (default: bat)"
+    )
+    g.add_argument(
+        "--clip-seconds",
+        type=float,
+        metavar="N",
+        help="cut / zero-pad every clip to N s (default: full length)",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help=(
+            f"worker processes (default: min({MAX_DEFAULT_WORKERS}, CPUs), and one per "
+            f"{CLIPS_PER_DEFAULT_WORKER} clips for small inputs)"
+        ),
+    )
+    sharding = g.add_mutually_exclusive_group()
+    sharding.add_argument(
+        "--clips-per-shard", type=int, metavar="N", help=f"clips per shard (default: {CLIPS_PER_SHARD})"
+    )
+    sharding.add_argument("--num-shards", type=int, metavar="N", help="shards per split instead")
+    g.add_argument("--strict", action="store_true", help="exit with status 1 when any input was skipped")
+    g.add_argument(
+        "--overwrite", action="store_true", help="delete an existing output made with other settings"
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=run)
+    return p
+
+
+def _existing_vocabulary(out: Path) -> list[str] | None:
+    cfg = shards.read_json(out / shards.PROGRESS_DIR / "global.json")
+    return cfg.get("label_vocabulary") if cfg else None
+
+
+def plan_source(args: argparse.Namespace) -> SourcePlan:
+    """The SourcePlan the command-line options describe."""
+    for option, owner in _SOURCE_OPTIONS.items():
+        if getattr(args, option, None) is not None and owner != args.source:
+            flag = "--" + option.replace("_", "-")
+            raise SourceError(f"{flag} belongs to --source {owner}, found --source {args.source}")
+    if args.source == "synthetic":
+        given = {k: getattr(args, k) for k in _SYNTHETIC_DEFAULTS if getattr(args, k) is not None}
+        opts = {**_SYNTHETIC_DEFAULTS, **given}
+        return sources.synthetic_source(
+            num_clips=opts["num_clips"],
+            num_eval_clips=opts["num_eval_clips"],
+            seed=opts["seed"],
+            multilabel=bool(args.multilabel),
+            min_seconds=args.min_seconds,
+            max_seconds=args.max_seconds,
+        )
+    if args.source == "tfds":
+        if not args.tfds_name:
+            raise SourceError("--source tfds: expected --tfds-name NAME (e.g. speech_commands), found none")
+        splits = [s.strip() for s in (args.tfds_split or "train").split(",") if s.strip()]
+        return sources.tfds_source(
+            args.tfds_name,
+            splits,
+            data_dir=args.tfds_data_dir,
+            audio_key=args.tfds_audio_key or "audio",
+            label_key=args.tfds_label_key,
+            sample_rate=args.tfds_sample_rate,
+        )
+    if not args.input:
+        raise SourceError("--source folder: expected --input DIR, found none")
+    columns = tuple(c.strip() for c in (args.csv_columns or ",".join(sources.CSV_COLUMNS)).split(","))
+    if len(columns) != 2 or not all(columns):
+        raise SourceError(f"--csv-columns: expected two names PATH,LABELS, found {args.csv_columns!r}")
+    vocab, origin = args.labels_vocab, "given"
+    if vocab is None and not args.overwrite and (args.labels_csv or args.labels_from_dir):
+        # adding a split to an existing output: keep its label indices
+        vocab = _existing_vocabulary(Path(args.out).expanduser().resolve()) or None
+        origin = f"the existing output {args.out}"
+    return sources.folder_source(
+        args.input,
+        split=args.split or "train",
+        split_from_subdir=bool(args.split_from_subdir),
+        labels_csv=args.labels_csv,
+        csv_columns=columns,
+        label_separator=args.label_separator or sources.LABEL_SEPARATOR,
+        labels_vocab=vocab,
+        labels_from_dir=bool(args.labels_from_dir),
+        require_labels=bool(args.require_labels),
+        vocabulary_origin=origin,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """The `bat-jax prepare` command: returns the exit status."""
+    try:
+        if args.workers is not None and args.workers < 1:
+            raise SourceError(f"--workers: expected N >= 1, found {args.workers}")
+        if args.clip_seconds is not None and args.clip_seconds <= 0:
+            raise SourceError(f"--clip-seconds: expected N > 0, found {args.clip_seconds}")
+        frontend = Frontend.create(args.frontend, clip_seconds=args.clip_seconds)
+        plan = plan_source(args)
+        if not any(s.tasks or s.skipped for s in plan.splits):
+            where = (
+                f" under {args.input} (extensions {' '.join(sources.AUDIO_EXTENSIONS)})" if args.input else ""
+            )
+            raise SourceError(f"--source {args.source}: expected input clips, found none{where}")
+        result = prepare(
+            plan,
+            args.out,
+            frontend,
+            workers=args.workers or default_workers(sum(len(s.tasks) for s in plan.splits)),
+            clips_per_shard=args.clips_per_shard or CLIPS_PER_SHARD,
+            num_shards=args.num_shards,
+            overwrite=args.overwrite,
+            strict=args.strict,
+            progress=not args.no_progress,
+        )
+    except (SourceError, OutputError, ValueError, RuntimeError, OSError) as e:
+        print(f"bat-jax prepare: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bat-jax prepare: interrupted; run the same command again to finish", file=sys.stderr)
+        return 130
+    print(format_summary(result, Path(args.out)))
+    return result.exit_status

@@ -1,0 +1,231 @@
+"""The output folder of `prepare`: refusing foreign or mismatched outputs, writing a split's missing shards
+(resume), and building the manifest from the per-shard progress state (bat_jax.data.shards).
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+from bat_jax.data import records, shards, sources
+from bat_jax.data.prepare.frontend import SAMPLE_RATE
+from bat_jax.data.prepare.workers import Runner
+from bat_jax.data.sources import SourcePlan, SplitPlan
+
+
+class OutputError(RuntimeError):
+    """The output folder cannot be written as asked (exists with other settings, not ours...)."""
+
+
+def _jsonable(obj):
+    import json
+
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _diff(old: dict, new: dict, width: int = 200) -> str:
+    """The keys whose values differ, with both values (shortened)."""
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    show = lambda v: textwrap.shorten(repr(v), width)
+    return "; ".join(f"{k}: existing {show(old.get(k))} vs now {show(new.get(k))}" for k in keys)
+
+
+def _refuse_foreign(out: Path) -> None:
+    """Refuse a non-empty folder not written by `prepare` (never touch its files, even with --overwrite)."""
+    progress = out / shards.PROGRESS_DIR
+    others = [p.name for p in out.iterdir() if p.name != shards.PROGRESS_DIR] if out.is_dir() else []
+    if others and not (progress / "global.json").is_file():
+        raise OutputError(
+            f"{out} exists and is not a `bat-jax prepare` output (no {shards.PROGRESS_DIR}/global.json), "
+            f"found {sorted(others)[:5]}; choose a new or empty folder"
+        )
+
+
+def check_output(out: Path, global_cfg: dict, split_cfgs: dict[str, dict], overwrite: bool) -> None:
+    """Refuse an output made with other settings (unless `overwrite`, which deletes what must be redone)."""
+    _refuse_foreign(out)
+    progress = out / shards.PROGRESS_DIR
+    existing = shards.read_json(progress / "global.json")
+    if existing is None:
+        return
+    if existing != global_cfg:
+        if not overwrite:
+            raise OutputError(
+                f"{out} was prepared with other settings ({_diff(existing, global_cfg)}); "
+                "use another --out, or --overwrite to delete it and start again"
+            )
+        for split in shards.progress_splits(out):
+            shards.remove_split(out, split)
+        (out / shards.MANIFEST).unlink(missing_ok=True)
+        (progress / "global.json").unlink(missing_ok=True)
+        return
+    for split, cfg in split_cfgs.items():
+        state = shards.read_json(progress / split / "split.json")
+        if overwrite:
+            shards.remove_split(out, split)
+        elif state is None and (out / split).exists():
+            raise OutputError(
+                f"{out / split} exists but has no progress state; use --overwrite to replace it"
+            )
+        elif state is not None and state.get("config") != cfg:
+            raise OutputError(
+                f"split {split!r} of {out} was prepared from other inputs or settings "
+                f"({_diff(state.get('config', {}), cfg)}); use --overwrite to redo it"
+            )
+
+
+def _split_config(source: SourcePlan, split: SplitPlan, ranges: list[range], sharding: dict) -> dict:
+    names = [shards.shard_name(split.name, k, len(ranges)) for k in range(len(ranges))]
+    return _jsonable(
+        {
+            "source": source.description,
+            "inputs_digest": split.digest,
+            "num_inputs": len(split.tasks),
+            "sharding": sharding,
+            "shards": names,
+            "shard_sizes": [len(r) for r in ranges],
+        }
+    )
+
+
+@dataclass
+class SplitRun:
+    """What one split's run did (for the summary)."""
+
+    name: str
+    shards_total: int
+    shards_reused: int
+    clips_computed: int
+
+
+def _write_split(
+    out: Path,
+    split: SplitPlan,
+    ranges: list[range],
+    config_digest: str,
+    runner: Runner,
+    progress: bool,
+) -> SplitRun:
+    """Write every shard of `split` that is not done yet, in order; returns what was done."""
+    state_dir = out / shards.PROGRESS_DIR / split.name
+    (out / split.name).mkdir(parents=True, exist_ok=True)
+    names = [shards.shard_name(split.name, k, len(ranges)) for k in range(len(ranges))]
+    todo = []
+    for k, name in enumerate(names):
+        done = shards.read_json(state_dir / (name + shards.DONE_SUFFIX))
+        if not shards.shard_done(out / split.name / name, done, config_digest):
+            todo.append(k)
+    tasks = [split.tasks[i] for k in todo for i in ranges[k]]
+    results = runner.map(split.name, tasks)
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=len(tasks), desc=f"prepare {split.name}", unit="clip", file=sys.stderr, disable=not progress
+    )
+    try:
+        for k in todo:
+            done_path = state_dir / (names[k] + shards.DONE_SUFFIX)
+            done_path.unlink(missing_ok=True)  # stale: this shard is being rewritten
+            writer = shards.ShardWriter(out / split.name / names[k])
+            state = {"num_records": 0, "num_inputs": len(ranges[k]), "total_frames": 0, "num_samples": 0}
+            skipped = []
+            try:
+                for i in ranges[k]:
+                    task, result = split.tasks[i], next(results)
+                    if result.record is None:
+                        skipped.append(
+                            sources.Skipped(split.name, task.source, result.kind, result.reason).to_json()
+                        )
+                    else:
+                        writer.write(result.record)
+                        state["total_frames"] += result.num_frames
+                        state["num_samples"] += result.num_samples
+                    bar.update(1)
+                size = writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
+            state.update(
+                num_records=writer.num_records, bytes=size, config_digest=config_digest, skipped=skipped
+            )
+            shards.write_json(done_path, state)
+    finally:
+        bar.close()
+        results.close()
+    return SplitRun(split.name, len(ranges), len(ranges) - len(todo), len(tasks))
+
+
+def _split_entry(out: Path, split: str) -> dict | None:
+    """The manifest entry of a finished split from its progress state, or None if it is not finished."""
+    state_dir = out / shards.PROGRESS_DIR / split
+    state = shards.read_json(state_dir / "split.json")
+    if state is None:
+        return None
+    entry = {"num_clips": 0, "num_skipped": len(state["pre_skipped"]), "total_frames": 0, "num_samples": 0}
+    shard_list, skipped, num_bytes = [], list(state["pre_skipped"]), 0
+    for name in state["config"]["shards"]:
+        done = shards.read_json(state_dir / (name + shards.DONE_SUFFIX))
+        path = out / split / name
+        if done is None or not path.is_file() or path.stat().st_size != done["bytes"]:
+            return None
+        shard_list.append({"path": f"{split}/{name}", "num_records": done["num_records"]})
+        entry["num_clips"] += done["num_records"]
+        entry["num_skipped"] += len(done["skipped"])
+        entry["total_frames"] += done["total_frames"]
+        entry["num_samples"] += done["num_samples"]
+        skipped += done["skipped"]
+        num_bytes += done["bytes"]
+    entry["audio_hours"] = entry["num_samples"] / SAMPLE_RATE / 3600
+    entry.update(
+        shards=shard_list,
+        bytes=num_bytes,
+        source=state["config"]["source"],
+        command=state["command"],
+        seconds=state.get("seconds"),
+        skipped=skipped,
+    )
+    return entry
+
+
+def _split_order(name: str) -> tuple[int, str]:
+    """Usual splits first, in their usual order, then the others alphabetically."""
+    usual = ("train", "valid", "validation", "eval", "test")
+    return (usual.index(name) if name in usual else len(usual), name)
+
+
+def build_manifest(out: Path, global_cfg: dict, command: list[str], timing: dict) -> tuple[dict, list[str]]:
+    """The manifest of every finished split in OUT, and the names of unfinished ones."""
+    from bat_jax import __version__
+
+    splits, skipped, unfinished = {}, [], []
+    for split in sorted(shards.progress_splits(out), key=_split_order):
+        entry = _split_entry(out, split)
+        if entry is None:
+            unfinished.append(split)
+            continue
+        skipped += entry.pop("skipped")
+        splits[split] = entry
+    manifest = {
+        "format_version": records.FORMAT_VERSION,
+        "bat_jax_version": __version__,
+        "frontend": global_cfg["frontend"],
+        "sample_rate": global_cfg["sample_rate"],
+        "n_mels": global_cfg["n_mels"],
+        "clip": global_cfg["clip"],
+        "label_vocabulary": global_cfg["label_vocabulary"],
+        "record_fields": {
+            "spec": "float16 [frames, n_mels]",
+            "num_frames": "int: true number of frames (spec rows past it are zero padding)",
+            "clip_id": "str",
+            "labels": "list[int]: indices into label_vocabulary",
+        },
+        "record_encoding": "msgpack (bat_jax.data.records)",
+        "arrayrecord_options": shards.WRITER_OPTIONS,
+        "splits": splits,
+        "skipped": skipped,
+        "command": command,
+        "timing": timing,
+    }
+    return manifest, unfinished

@@ -1,0 +1,67 @@
+"""The text `bat-jax prepare` prints when it finishes: one row per split, skipped inputs by kind, timing."""
+
+from __future__ import annotations
+
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+from bat_jax.data.prepare.job import PrepareResult
+
+
+def _size(num_bytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1000 or unit == "GB":
+            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{int(num_bytes)} B"
+        num_bytes /= 1000
+    return ""
+
+
+def format_summary(result: PrepareResult, out: Path) -> str:
+    m = result.manifest
+    clip = m["clip"]
+    clip_text = "full-length clips" if clip["mode"] == "full" else f"clips cut/padded to {clip['seconds']} s"
+    lines = [f"bat-jax prepare: {out}  ({m['frontend']['name']} front-end, {clip_text})"]
+    columns = ("clips", 8), ("skipped", 8), ("frames", 12), ("hours", 8), ("shards", 7), ("size", 10)
+    header = f"  {'split':<12} " + " ".join(f"{name:>{width}}" for name, width in columns) + "  run"
+    lines.append(header)
+    computed = {r.name: r for r in result.runs}
+    for name, s in m["splits"].items():
+        r = computed.get(name)
+        run = (
+            "kept from an earlier run"
+            if r is None
+            else f"{r.clips_computed} clips computed, {r.shards_reused} shards reused"
+        )
+        lines.append(
+            f"  {name:<12} {s['num_clips']:>8} {s['num_skipped']:>8} {s['total_frames']:>12} "
+            f"{s['audio_hours']:>8.3f} {len(s['shards']):>7} {_size(s['bytes']):>10}  {run}"
+        )
+    run_skips = [s for s in m["skipped"] if s["split"] in computed]
+    if run_skips:
+        lines.append(f"  skipped inputs ({len(run_skips)}; every one is listed in manifest.json):")
+        by_kind = Counter(s["kind"] for s in run_skips)
+        for kind, count in by_kind.most_common():
+            example = next(s for s in run_skips if s["kind"] == kind)
+            lines.append(
+                f"    {kind}: {count}  (e.g. {example['source']}: {textwrap.shorten(example['reason'], 90)})"
+            )
+    for name in result.unfinished:
+        lines.append(f"  split {name!r} is unfinished (an interrupted run): rerun its command to finish it")
+    t = m["timing"]
+    total = sum(s["bytes"] for s in m["splits"].values())
+    rate = f"{t['clips_per_second']:.1f} clips/s" if t["clips_per_second"] is not None else "-"
+    lines.append(
+        f"  output {_size(total)}; {t['clips_computed']} clips computed in {t['seconds']:.1f} s ({rate}, "
+        f"{t['workers']} worker{'s' if t['workers'] != 1 else ''})"
+    )
+    if result.exit_status:
+        lines.append(
+            "  exit status 1: "
+            + (
+                "nothing was written"
+                if not any(s["num_clips"] for n, s in m["splits"].items() if n in computed)
+                else "inputs were skipped (--strict)"
+            )
+        )
+    return "\n".join(lines)
