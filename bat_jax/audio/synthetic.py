@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.fft
 
 CLASS_NAMES: tuple[str, ...] = (
     "low_tone",
@@ -225,9 +226,10 @@ def _coloured_noise(
 ) -> np.ndarray:
     """Unit-RMS Gaussian noise with power spectrum ~ 1/f**exponent, optionally band-limited to `band`.
 
-    Shaped over an FFT-friendly length >= n (a 5-smooth number), then cut to n samples.
+    Shaped over an FFT-friendly length >= n (scipy's next_fast_len for real FFTs: the smallest 5-smooth
+    number, 2**a * 3**b * 5**c; prime sizes are many times slower), then cut to n samples.
     """
-    m = _fast_length(n)
+    m = scipy.fft.next_fast_len(n, real=True)
     spectrum = np.fft.rfft(rng.standard_normal(m))  # [m//2 + 1]
     freqs = np.fft.rfftfreq(m, d=1.0 / sr)
     shape = np.maximum(freqs, _LOWEST_NOISE_HZ) ** (-exponent / 2.0)
@@ -235,20 +237,6 @@ def _coloured_noise(
     if band is not None:
         shape[(freqs < band[0]) | (freqs > band[1])] = 0.0
     return _unit_rms(np.fft.irfft(spectrum * shape, n=m)[:n])
-
-
-def _fast_length(n: int) -> int:
-    """The smallest 2**a * 3**b * 5**c >= n (fast FFT sizes; prime sizes are many times slower)."""
-    best = 1 << max(0, (n - 1).bit_length())
-    p5 = 1
-    while p5 < best:
-        p35 = p5
-        while p35 < best:
-            p2 = p35 << max(0, (-(-n // p35) - 1).bit_length())  # smallest p35 * 2**a >= n
-            best = min(best, p2)
-            p35 *= 3
-        p5 *= 5
-    return best
 
 
 def _tone(rng, n, sr, p):

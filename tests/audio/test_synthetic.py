@@ -166,8 +166,10 @@ def test_write_folder_writes_pcm16_wavs_and_a_labels_csv(tmp_path):
         np.testing.assert_allclose(wave, expected, atol=1.0 / 32768 + 1e-6)
 
 
-def test_noise_is_shaped_at_fast_fft_lengths():
-    """Generation speed relies on 5-smooth FFT sizes (a prime-length FFT is many times slower)."""
+def test_noise_is_shaped_at_the_smallest_5_smooth_fft_length(monkeypatch):
+    """Generation speed relies on fast FFT sizes (a prime-length FFT is many times slower), and clips stay
+    identical to those made before scipy.fft.next_fast_len replaced our helper only if the size is the
+    smallest 5-smooth number >= n (scipy's real-FFT size; its complex size is 11-smooth and would differ)."""
 
     def smooth(m):
         for q in (2, 3, 5):
@@ -175,8 +177,14 @@ def test_noise_is_shaped_at_fast_fft_lengths():
                 m //= q
         return m == 1
 
+    sizes = []
+    rfft = np.fft.rfft
+    monkeypatch.setattr(np.fft, "rfft", lambda x, *a, **k: sizes.append(len(x)) or rfft(x, *a, **k))
     for n in [1, 2, 7, 97, 1000, 16001, 159_997, 160_000]:
-        m = synthetic._fast_length(n)
+        sizes.clear()
+        noise = synthetic._coloured_noise(np.random.default_rng(0), n, SR, 1.0)
+        assert noise.shape == (n,) and len(sizes) == 1
+        m = sizes[0]
         assert m >= n and smooth(m)
         assert not any(smooth(k) for k in range(n, m)), f"{m} is not the smallest 5-smooth size >= {n}"
 
