@@ -1,5 +1,7 @@
 """Probe training losses: asymmetric loss (AudioSet), BCE-with-logits (multi-label), softmax cross-entropy.
 
+BCE and cross-entropy are optax's (``optax.sigmoid_binary_cross_entropy``, ``optax.softmax_cross_entropy``
+and its integer-label form) with torch's reductions around them; the asymmetric loss has no optax twin.
 Pure functions of logits [..., C] and targets; computed in float32; ``reduction`` is "mean" (over every
 element, as torch), "sum" or "none".
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 Array = jax.Array
 
@@ -67,24 +70,23 @@ def asymmetric_loss(
 
 
 def bce_with_logits(logits: Array, targets: Array, *, reduction: str = "mean") -> Array:
-    """Binary cross-entropy on logits (torch's binary_cross_entropy_with_logits), stable for large |x|:
-    ℓ = max(x, 0) − x y + log(1 + e^{−|x|})."""
+    """Binary cross-entropy on logits (torch's binary_cross_entropy_with_logits), element-wise
+    ``optax.sigmoid_binary_cross_entropy`` in float32 (stable for large |x|), then reduced."""
     _check_same_shape("bce_with_logits", logits, targets)
-    x = logits.astype(jnp.float32)
-    y = targets.astype(jnp.float32)
-    loss = jnp.maximum(x, 0.0) - x * y + jnp.log1p(jnp.exp(-jnp.abs(x)))
+    loss = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), targets.astype(jnp.float32))
     return _reduce(loss, reduction)
 
 
 def softmax_cross_entropy(
     logits: Array, labels: Array, *, label_smoothing: float = 0.0, reduction: str = "mean"
 ) -> Array:
-    """Softmax cross-entropy (torch's cross_entropy) over the last axis of logits [..., C].
+    """Softmax cross-entropy (torch's cross_entropy) over the last axis of logits [..., C], by optax.
 
-    labels: integer class indices [...] or class probabilities [..., C]. label_smoothing ε mixes the
-    target with the uniform distribution: (1 − ε) target + ε / C. "mean" averages over the examples.
+    labels: integer class indices [...] (``optax.softmax_cross_entropy_with_integer_labels``) or class
+    probabilities [..., C] (``optax.softmax_cross_entropy``). label_smoothing ε mixes the target with the
+    uniform distribution, (1 − ε) target + ε / C (``optax.smooth_labels``). "mean" averages over the examples.
     """
-    x = logits.astype(jnp.float32)
+    x = logits.astype(jnp.float32)  # [..., C]
     num_classes = x.shape[-1]
     if jnp.issubdtype(labels.dtype, jnp.integer):
         if labels.shape != x.shape[:-1]:
@@ -92,11 +94,12 @@ def softmax_cross_entropy(
                 f"softmax_cross_entropy ({_WHERE}): integer labels must have shape {tuple(x.shape[:-1])}, "
                 f"found {tuple(labels.shape)}"
             )
-        target = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+        if not label_smoothing:
+            return _reduce(optax.softmax_cross_entropy_with_integer_labels(x, labels), reduction)
+        target = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)  # [..., C]
     else:
         _check_same_shape("softmax_cross_entropy", x, labels)
         target = labels.astype(jnp.float32)
     if label_smoothing:
-        target = (1.0 - label_smoothing) * target + label_smoothing / num_classes
-    loss = -jnp.sum(target * jax.nn.log_softmax(x, axis=-1), axis=-1)
-    return _reduce(loss, reduction)
+        target = optax.smooth_labels(target, label_smoothing)
+    return _reduce(optax.softmax_cross_entropy(x, target), reduction)
