@@ -40,28 +40,26 @@ def _readonly(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _hz_to_mel_htk(hz: np.ndarray) -> np.ndarray:
-    return 2595.0 * np.log10(1.0 + hz / 700.0)
-
-
-def _mel_to_hz_htk(mel: np.ndarray) -> np.ndarray:
-    return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
-
-
 @functools.cache
 def htk_mel_filterbank(n_freqs: int, f_min: float, f_max: float, n_mels: int, sample_rate: int) -> np.ndarray:
     """Triangular HTK mel filters without area normalisation (torchaudio `melscale_fbanks`, norm=None).
 
-    Returns [n_freqs, n_mels] float64: the weight of each linear FFT bin in each mel band.
+    librosa.filters.mel(htk=True, norm=None) on n_fft = 2 (n_freqs - 1). Returns [n_freqs, n_mels] float64:
+    the weight of each linear FFT bin in each mel band.
     """
-    all_freqs = np.linspace(0.0, sample_rate // 2, n_freqs)  # [n_freqs]
-    mel_points = np.linspace(_hz_to_mel_htk(f_min), _hz_to_mel_htk(f_max), n_mels + 2)
-    hz_points = _mel_to_hz_htk(mel_points)  # [n_mels + 2] band edges and centres
-    widths = np.diff(hz_points)  # [n_mels + 1]
-    offsets = hz_points[None, :] - all_freqs[:, None]  # [n_freqs, n_mels + 2]
-    rising = -offsets[:, :-2] / widths[:-1]
-    falling = offsets[:, 2:] / widths[1:]
-    return _readonly(np.maximum(0.0, np.minimum(rising, falling)))  # [n_freqs, n_mels]
+    import librosa
+
+    bank = librosa.filters.mel(
+        sr=sample_rate,
+        n_fft=2 * (n_freqs - 1),
+        n_mels=n_mels,
+        fmin=f_min,
+        fmax=f_max,
+        htk=True,
+        norm=None,
+        dtype=np.float64,
+    )  # [n_mels, n_freqs]
+    return _readonly(np.ascontiguousarray(bank.T))  # [n_freqs, n_mels]
 
 
 def _kaldi_mel(hz: np.ndarray) -> np.ndarray:
@@ -144,12 +142,18 @@ def logmel(
     f_max: float | None = None,
     top_db: float = 80.0,
     eps: float = 1e-8,
+    num_valid_frames=None,
 ) -> jax.Array:
     """BAT front-end: per-clip min-max normalised dB mel spectrogram in [0, 1].
 
     Centred frames (reflect padding of n_fft // 2), periodic Hann window, power spectrum, HTK mel filters
     without normalisation, dB floored at (clip max - top_db), then (x - min) / (max - min + eps) over each
     clip's whole [frames, mels].
+
+    num_valid_frames: None, or int [...] (a traced value is fine: one compilation for any count): only the
+    first T frames of each clip are its own (the waveform was padded after it); the dB floor and min-max
+    run over those T frames and the frames from T on are 0. With the clip's samples followed by n_fft // 2
+    samples of its reflection, frames [:T] equal `logmel` of the unpadded clip, T = samples // hop + 1.
 
     wave: [..., samples] -> [..., samples // hop_length + 1, n_mels] float32.
     """
@@ -169,10 +173,22 @@ def logmel(
     mel_fb = htk_mel_filterbank(n_fft // 2 + 1, float(f_min), float(f_max), n_mels, sample_rate)
     mel = jnp.matmul(power, jnp.asarray(mel_fb, jnp.float32), precision=_MATMUL_PRECISION)  # [..., T, n_mels]
     db = 10.0 * jnp.log10(jnp.maximum(mel, _POWER_FLOOR))
-    db = jnp.maximum(db, db.max(axis=(-2, -1), keepdims=True) - top_db)
-    low = db.min(axis=(-2, -1), keepdims=True)
-    high = db.max(axis=(-2, -1), keepdims=True)
-    return (db - low) / (high - low + eps)
+    if num_valid_frames is None:
+        db = jnp.maximum(db, db.max(axis=(-2, -1), keepdims=True) - top_db)
+        low = db.min(axis=(-2, -1), keepdims=True)
+        high = db.max(axis=(-2, -1), keepdims=True)
+        return (db - low) / (high - low + eps)
+    valid = _valid_frames(db.shape[-2], num_valid_frames)  # [..., T, 1]
+    high = jnp.max(jnp.where(valid, db, -jnp.inf), axis=(-2, -1), keepdims=True)
+    db = jnp.maximum(db, high - top_db)
+    low = jnp.min(jnp.where(valid, db, jnp.inf), axis=(-2, -1), keepdims=True)
+    return jnp.where(valid, (db - low) / (high - low + eps), 0.0)
+
+
+def _valid_frames(num_frames: int, num_valid_frames) -> jax.Array:
+    """bool [..., num_frames, 1]: frame t < num_valid_frames[...]."""
+    count = jnp.asarray(num_valid_frames, jnp.int32)[..., None, None]  # [..., 1, 1]
+    return jnp.arange(num_frames)[:, None] < count
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""bat_jax.audio: front-end parity with the PyTorch reference (tests/golden/frontend.npz), batching, edge cases,
-and file loading."""
+"""bat_jax.audio: front-end parity with the PyTorch reference (tests/golden/frontend.npz), batching, edge
+cases, and file loading."""
 
 import jax
 import librosa
@@ -48,10 +48,66 @@ def test_kaldi_fbank_matches_reference(golden, i):
     assert np.abs(got - expected).max() <= KALDI_TOL
 
 
-def test_mel_filterbank_matches_librosa_htk_without_norm():
-    ours = htk_mel_filterbank(513, 0.0, 8000.0, 128, SR)  # [freqs, mels]
-    theirs = librosa.filters.mel(sr=SR, n_fft=1024, n_mels=128, fmin=0.0, fmax=8000.0, htk=True, norm=None)
-    np.testing.assert_allclose(ours, theirs.T, atol=1e-6)
+def _htk_triangles(n_freqs, f_min, f_max, n_mels, rate):
+    """The HTK mel triangles written out (torchaudio melscale_fbanks, norm=None): [n_freqs, n_mels]."""
+    to_mel = lambda hz: 2595.0 * np.log10(1.0 + hz / 700.0)
+    to_hz = lambda mel: 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
+    freqs = np.linspace(0.0, rate // 2, n_freqs)
+    edges = to_hz(np.linspace(to_mel(f_min), to_mel(f_max), n_mels + 2))
+    offsets = edges[None, :] - freqs[:, None]
+    rising = -offsets[:, :-2] / np.diff(edges)[:-1]
+    falling = offsets[:, 2:] / np.diff(edges)[1:]
+    return np.maximum(0.0, np.minimum(rising, falling))
+
+
+@pytest.mark.parametrize("n_fft,f_min,f_max,n_mels", [(1024, 0.0, 8000.0, 128), (400, 50.0, 7600.0, 64)])
+def test_mel_filterbank_is_the_htk_triangles_without_norm(n_fft, f_min, f_max, n_mels):
+    ours = htk_mel_filterbank(n_fft // 2 + 1, f_min, f_max, n_mels, SR)  # [freqs, mels]
+    assert ours.shape == (n_fft // 2 + 1, n_mels)
+    np.testing.assert_allclose(ours, _htk_triangles(n_fft // 2 + 1, f_min, f_max, n_mels, SR), atol=1e-6)
+
+
+def _padded_after(wave: np.ndarray, total: int, loud: bool = False) -> np.ndarray:
+    """The clip, n_fft // 2 samples of its end reflected, then zeros (or loud noise): [total]."""
+    tail = np.pad(wave, (0, 512), mode="reflect")
+    fill = np.random.default_rng(0).uniform(-30, 30, total - tail.shape[0]) if loud else 0.0
+    return np.concatenate([tail, np.zeros(total - tail.shape[0]) + fill]).astype(np.float32)
+
+
+@pytest.mark.parametrize("samples", [513, 4000, 16000, 23456])
+def test_num_valid_frames_equals_logmel_of_the_unpadded_clip(golden, samples):
+    wave = golden["wave_2"][50_000 : 50_000 + samples]
+    frames = samples // 160 + 1
+    expected = np.asarray(logmel(wave))  # [frames, 128]
+    got = np.asarray(logmel(_padded_after(wave, 30_000), num_valid_frames=frames))  # [188, 128]
+    assert got.shape == (30_000 // 160 + 1, 128)
+    np.testing.assert_allclose(got[:frames], expected, atol=1e-5)
+    assert not got[frames:].any()
+    # whatever follows the clip's reflected end is ignored; without the option it moves the min-max
+    loud = _padded_after(wave, 30_000, loud=True)
+    np.testing.assert_allclose(
+        np.asarray(logmel(loud, num_valid_frames=frames))[:frames], expected, atol=1e-5
+    )
+    assert np.abs(np.asarray(logmel(loud))[:frames] - expected).max() > 1e-2
+
+
+def test_num_valid_frames_is_traced_and_per_clip(golden):
+    traces = []
+
+    @jax.jit
+    def bucketed(wave, count):
+        traces.append(1)
+        return logmel(wave, num_valid_frames=count)
+
+    waves = [golden["wave_2"][50_000 : 50_000 + n] for n in (8000, 12000)]
+    padded = np.stack([_padded_after(w, 20_000) for w in waves])  # [2, 20000]
+    counts = np.array([8000 // 160 + 1, 12000 // 160 + 1], np.int32)
+    one = [np.asarray(bucketed(padded[i], counts[i])) for i in range(2)]
+    assert len(traces) == 1  # one compilation for any count
+    batched = np.asarray(logmel(padded, num_valid_frames=counts))  # [2, frames, 128]
+    for i, wave in enumerate(waves):
+        np.testing.assert_allclose(one[i][: counts[i]], np.asarray(logmel(wave)), atol=1e-5)
+        np.testing.assert_allclose(batched[i], one[i], atol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ unpadded clip (tests check it).
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -23,36 +22,7 @@ SAMPLE_RATE = sources.SAMPLE_RATE
 BUCKET_FRAMES = 128  # front-end inputs are padded to a multiple of this many frames (one jit per bucket)
 
 
-@functools.cache
-def _bat_bucketed():
-    """The BAT log-mel of a reflect-padded, bucket-padded waveform, normalised over its first T frames."""
-    import jax
-    import jax.numpy as jnp
-
-    from bat_jax.audio import frontend as fe
-
-    @functools.partial(
-        jax.jit,
-        static_argnames=("sample_rate", "n_fft", "hop_length", "n_mels", "f_min", "f_max", "top_db", "eps"),
-    )
-    def bat_bucketed(
-        padded, valid_frames, *, sample_rate, n_fft, hop_length, n_mels, f_min, f_max, top_db, eps
-    ):
-        # padded: [(Tb - 1) * hop + n_fft] = the clip reflect-padded by n_fft // 2, then zero-padded
-        f_max = sample_rate / 2 if f_max is None else f_max
-        frames = fe._frames(padded, n_fft, hop_length) * fe._hann(n_fft, periodic=True)  # [Tb, n_fft]
-        spectrum = jnp.fft.rfft(frames, axis=-1)  # [Tb, n_fft // 2 + 1]
-        power = jnp.square(spectrum.real) + jnp.square(spectrum.imag)
-        mel_fb = fe.htk_mel_filterbank(n_fft // 2 + 1, float(f_min), float(f_max), n_mels, sample_rate)
-        mel = jnp.matmul(power, mel_fb, precision=fe._MATMUL_PRECISION)  # [Tb, n_mels]
-        db = 10.0 * jnp.log10(jnp.maximum(mel, fe._POWER_FLOOR))
-        valid = jnp.arange(db.shape[0])[:, None] < valid_frames  # [Tb, 1]
-        high = jnp.max(jnp.where(valid, db, -jnp.inf))
-        db = jnp.maximum(db, high - top_db)
-        low = jnp.min(jnp.where(valid, db, jnp.inf))
-        return jnp.where(valid, (db - low) / (high - low + eps), 0.0)  # [Tb, n_mels]
-
-    return bat_bucketed
+_PER_CALL = ("num_valid_frames",)  # front-end arguments set per clip, not settings of the dataset
 
 
 def _defaults(fn) -> dict[str, Any]:
@@ -60,7 +30,7 @@ def _defaults(fn) -> dict[str, Any]:
     return {
         name: p.default
         for name, p in inspect.signature(fn).parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in _PER_CALL
     }
 
 
@@ -181,18 +151,21 @@ class Frontend:
 
     def compute(self, wave: np.ndarray) -> np.ndarray:
         """float32 [samples] -> float32 [frames(samples), n_mels], through one jit per length bucket."""
+        from bat_jax.audio.frontend import kaldi_fbank, logmel
+
         p = self.kwargs
         window, hop = self._window_and_hop()
         frames = self.frames(wave.shape[0])
-        need = (self._bucket(frames) - 1) * hop + window  # samples that make exactly the bucket's frames
         if self.name == "bat":
+            # the clip, its end reflected as logmel's centring would (so frames [:T] see the same samples),
+            # then zeros up to a length fixed by the bucket: [bucket * hop + n_fft // 2]
             pad = window // 2
-            padded = np.pad(wave, (pad, pad), mode="reflect")  # = the front-end's centring
-            padded = np.pad(padded[:need], (0, max(0, need - padded.shape[0])))
-            out = _bat_bucketed()(padded, np.int32(frames), **p)
+            need = self._bucket(frames) * hop + pad  # > samples + pad, since bucket * hop > samples
+            tail = np.pad(wave, (0, pad), mode="reflect")  # [samples + pad]
+            padded = np.pad(tail, (0, need - tail.shape[0]))
+            out = logmel(padded, **p, num_valid_frames=np.int32(frames))  # [need // hop + 1, n_mels]
         else:
-            from bat_jax.audio.frontend import kaldi_fbank
-
+            need = (self._bucket(frames) - 1) * hop + window  # samples that make exactly the bucket's frames
             centred = (wave - wave.mean(dtype=np.float64)).astype(np.float32)  # the mean of the true samples
             padded = np.pad(centred[:need], (0, max(0, need - centred.shape[0])))
             out = kaldi_fbank(padded, **{**p, "remove_mean": False})
