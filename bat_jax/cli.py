@@ -18,8 +18,16 @@ SUBCOMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """A parser whose usage errors are one line naming the flag, e.g.
+    `bat-jax prepare: error: --clip-seconds: expected a finite number of seconds > 0, found inf` (rc 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message.removeprefix('argument ')}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="bat-jax",
         description=(
             "BAT (Better Audio Transformer) and CGP (Convex Gated Probing) in JAX.\n\n"
@@ -30,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bat_jax import __version__
 
     parser.add_argument("--version", action="version", version=f"bat-jax {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=Parser)
     sub.required = True
     for module in SUBCOMMANDS.values():
         importlib.import_module(module).add_parser(sub)

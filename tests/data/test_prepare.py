@@ -78,6 +78,31 @@ def test_help_explains_sources_outputs_and_examples(capsys):
         assert phrase in text
 
 
+@pytest.mark.parametrize(
+    "flag,value,expected",
+    [
+        ("--clip-seconds", "inf", "expected a finite number of seconds > 0, found inf"),
+        ("--clip-seconds", "nan", "expected a finite number of seconds > 0, found nan"),
+        ("--clip-seconds", "-1", "expected a finite number of seconds > 0, found -1"),
+        ("--clip-seconds", "0", "expected a finite number of seconds > 0, found 0"),
+        ("--clips-per-shard", "0", "expected a whole number >= 1, found 0"),
+        ("--num-shards", "0", "expected a whole number >= 1, found 0"),
+        ("--workers", "0", "expected a whole number >= 1, found 0"),
+        ("--workers", "two", "expected a whole number >= 1, found two"),
+        ("--num-clips", "0", "expected a whole number >= 1, found 0"),
+        ("--num-eval-clips", "-1", "expected a whole number >= 0, found -1"),
+        ("--max-seconds", "inf", "expected a finite number of seconds > 0, found inf"),
+    ],
+)
+def test_bad_flag_values_are_one_line_errors_before_any_work(tmp_path, capsys, flag, value, expected):
+    with pytest.raises(SystemExit) as e:
+        run_cli(*SYNTH, "--out", tmp_path / "out", flag, value)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"bat-jax prepare: error: {flag}: {expected}\n"
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("lengths", [[513, 20320, 23456]])
 def test_bucketed_frontends_equal_the_plain_frontends(lengths):
     rng = np.random.default_rng(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -20,13 +21,18 @@ training and probing pipelines read.
 
 sources (--source):
   folder     every audio file under --input, recursively (.wav .flac .ogg .mp3 .m4a .aiff .aif), mixed to
-             mono and resampled to 16 kHz (soxr_hq). Labels: --labels-csv FILE with rows `path,labels`
-             (path relative to --input; class names separated by ';'; a header row is optional, and
-             --csv-columns picks two named columns of a CSV that has one), or --labels-from-dir (the folder
-             holding a file names its class), or none. The vocabulary is the sorted set of class names, or
-             --labels-vocab FILE (one name per line, line i = label i). Files the CSV does not list are
-             unlabeled (skipped with --require-labels); rows naming missing files are skipped. One split
-             named --split, or with --split-from-subdir one split per subfolder of --input (train/, eval/).
+             mono and resampled to 16 kHz (soxr_hq). Folders named .* are not entered. Symlinks to folders
+             are followed, except a link to a folder above it (skipped as "symlink loop") or a second way
+             into a folder already listed ("duplicate folder"). A subfolder that cannot be listed (no read
+             permission), a broken symlink, a file that vanished or cannot be stat'ed are skipped, listed
+             in the manifest with their reason and counted in the summary; the rest is written. A truncated
+             WAV (its header promises more frames than its data holds) is kept and listed as truncated.
+             Labels: --labels-csv FILE (rules below), or --labels-from-dir (the folder holding a file names
+             its class; refused when no file of a split is inside a subfolder), or none. The vocabulary is
+             the sorted set of class names, or --labels-vocab FILE (one name per line, line i = label i).
+             Files the CSV does not list are unlabeled (skipped with --require-labels); rows naming missing
+             files are skipped. One split named --split, or with --split-from-subdir one split per
+             subfolder of --input (train/, eval/).
   tfds       a TFDS dataset prepared in the array_record format (tfds build NAME --file_format=array_record),
              read with tfds.data_source, or without TensorFlow from its files directly: --tfds-name,
              --tfds-split (comma-separated: one output split each), --tfds-data-dir. Audio from the feature
@@ -36,6 +42,19 @@ sources (--source):
   synthetic  the built-in synthetic dataset (12 classes of sound events, generated from --seed, no
              download): splits train (--num-clips) and eval (--num-eval-clips), --multilabel,
              --min-seconds/--max-seconds.
+
+labels CSV (--labels-csv FILE), checked before any work; a CSV breaking a rule is refused:
+  - paths are relative to --input; class names in a labels cell are separated by ';' (--label-separator),
+    an empty cell means no labels; blank rows are ignored
+  - without --csv-columns: exactly two cells per row, path and labels; the first row is the header
+    `path,labels` or already a data row whose path has an audio extension (a header like `file,class`
+    needs --csv-columns file,class)
+  - with --csv-columns PATH,LABELS: the first row is a header naming both columns (case-insensitive; other
+    columns are ignored), e.g. ESC-50's meta/esc50.csv with --csv-columns filename,category
+  - text in --csv-encoding (default utf-8, a byte-order mark accepted); a byte that does not decode is
+    reported with its line; pass e.g. --csv-encoding latin-1
+  - when no row names an audio file under --input the run is refused; --allow-unlabelled writes the files
+    without labels instead (it also lets --labels-from-dir run on a flat folder)
 
 what is written (--out OUT):
   OUT/<split>/<split>-00000-of-0000N.arrayrecord   one record per clip (bat_jax.data.records, msgpack):
@@ -103,6 +122,8 @@ _SOURCE_OPTIONS = {
     "split_from_subdir": "folder",
     "labels_csv": "folder",
     "csv_columns": "folder",
+    "csv_encoding": "folder",
+    "allow_unlabelled": "folder",
     "label_separator": "folder",
     "labels_vocab": "folder",
     "labels_from_dir": "folder",
@@ -121,6 +142,32 @@ _SOURCE_OPTIONS = {
     "max_seconds": "synthetic",
 }
 _SYNTHETIC_DEFAULTS = {"num_clips": 200, "num_eval_clips": 50, "seed": 0}
+
+
+def count(minimum: int):
+    """An argparse type: a whole number >= minimum (the error names the flag: see bat_jax.cli.Parser)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, found {text}")
+        return value
+
+    return parse
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0 (not inf, nan, 0 or negative)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, found {text}")
+    return value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -147,7 +194,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument(
         "--csv-columns",
         metavar="PATH,LABELS",
-        help="the path and labels column names of a CSV with a header row (default: path,labels)",
+        help="the path and labels column names of a CSV with a header row (default: two columns path,labels)",
+    )
+    g.add_argument(
+        "--csv-encoding",
+        metavar="ENC",
+        help="text encoding of the labels CSV, e.g. latin-1 or cp1252 (default: utf-8, BOM accepted)",
+    )
+    g.add_argument(
+        "--allow-unlabelled",
+        action="store_true",
+        default=None,
+        help="write the files without labels when no CSV row names one (or no file is in a class folder)",
     )
     g.add_argument(
         "--label-separator", metavar="SEP", help="between class names in a labels cell (default: ';')"
@@ -181,30 +239,30 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--tfds-label-key", metavar="KEY", help="ClassLabel feature name (default: label, if present)"
     )
     g.add_argument(
-        "--tfds-sample-rate", type=int, metavar="HZ", help="the audio's rate when the feature has none"
+        "--tfds-sample-rate", type=count(1), metavar="HZ", help="the audio's rate when the feature has none"
     )
     g = p.add_argument_group("synthetic source")
-    g.add_argument("--num-clips", type=int, metavar="N", help="clips in split train (default: 200)")
-    g.add_argument("--num-eval-clips", type=int, metavar="N", help="clips in split eval (default: 50)")
-    g.add_argument("--seed", type=int, help="generator seed (default: 0)")
+    g.add_argument("--num-clips", type=count(1), metavar="N", help="clips in split train (default: 200)")
+    g.add_argument("--num-eval-clips", type=count(0), metavar="N", help="clips in split eval (default: 50)")
+    g.add_argument("--seed", type=count(0), help="generator seed (default: 0)")
     g.add_argument(
         "--multilabel", action="store_true", default=None, help="1-3 events of distinct classes per clip"
     )
-    g.add_argument("--min-seconds", type=float, metavar="S", help="shortest clip (default: 1.0)")
-    g.add_argument("--max-seconds", type=float, metavar="S", help="longest clip (default: 10.0)")
+    g.add_argument("--min-seconds", type=seconds, metavar="S", help="shortest clip (default: 1.0)")
+    g.add_argument("--max-seconds", type=seconds, metavar="S", help="longest clip (default: 10.0)")
     g = p.add_argument_group("output")
     g.add_argument(
         "--frontend", choices=sorted(FRONTENDS), default="bat", help="spectrogram front-end (default: bat)"
     )
     g.add_argument(
         "--clip-seconds",
-        type=float,
+        type=seconds,
         metavar="N",
         help="cut / zero-pad every clip to N s (default: full length)",
     )
     g.add_argument(
         "--workers",
-        type=int,
+        type=count(1),
         default=None,
         metavar="N",
         help=(
@@ -214,9 +272,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     sharding = g.add_mutually_exclusive_group()
     sharding.add_argument(
-        "--clips-per-shard", type=int, metavar="N", help=f"clips per shard (default: {CLIPS_PER_SHARD})"
+        "--clips-per-shard", type=count(1), metavar="N", help=f"clips per shard (default: {CLIPS_PER_SHARD})"
     )
-    sharding.add_argument("--num-shards", type=int, metavar="N", help="shards per split instead")
+    sharding.add_argument("--num-shards", type=count(1), metavar="N", help="shards per split instead")
     g.add_argument("--strict", action="store_true", help="exit with status 1 when any input was skipped")
     g.add_argument(
         "--overwrite", action="store_true", help="delete an existing output made with other settings"
@@ -262,9 +320,11 @@ def plan_source(args: argparse.Namespace) -> SourcePlan:
         )
     if not args.input:
         raise SourceError("--source folder: expected --input DIR, found none")
-    columns = tuple(c.strip() for c in (args.csv_columns or ",".join(sources.CSV_COLUMNS)).split(","))
-    if len(columns) != 2 or not all(columns):
-        raise SourceError(f"--csv-columns: expected two names PATH,LABELS, found {args.csv_columns!r}")
+    columns = None  # without --csv-columns: the two-column layout (sources/labels_csv.py)
+    if args.csv_columns is not None:
+        columns = tuple(c.strip() for c in args.csv_columns.split(","))
+        if len(columns) != 2 or not all(columns):
+            raise SourceError(f"--csv-columns: expected two names PATH,LABELS, found {args.csv_columns!r}")
     vocab, origin = args.labels_vocab, "given"
     if vocab is None and not args.overwrite and (args.labels_csv or args.labels_from_dir):
         # adding a split to an existing output: keep its label indices
@@ -276,10 +336,12 @@ def plan_source(args: argparse.Namespace) -> SourcePlan:
         split_from_subdir=bool(args.split_from_subdir),
         labels_csv=args.labels_csv,
         csv_columns=columns,
+        csv_encoding=args.csv_encoding or "utf-8",
         label_separator=args.label_separator or sources.LABEL_SEPARATOR,
         labels_vocab=vocab,
         labels_from_dir=bool(args.labels_from_dir),
         require_labels=bool(args.require_labels),
+        allow_unlabelled=bool(args.allow_unlabelled),
         vocabulary_origin=origin,
     )
 
@@ -287,10 +349,6 @@ def plan_source(args: argparse.Namespace) -> SourcePlan:
 def run(args: argparse.Namespace) -> int:
     """The `bat-jax prepare` command: returns the exit status."""
     try:
-        if args.workers is not None and args.workers < 1:
-            raise SourceError(f"--workers: expected N >= 1, found {args.workers}")
-        if args.clip_seconds is not None and args.clip_seconds <= 0:
-            raise SourceError(f"--clip-seconds: expected N > 0, found {args.clip_seconds}")
         frontend = Frontend.create(args.frontend, clip_seconds=args.clip_seconds)
         plan = plan_source(args)
         if not any(s.tasks or s.skipped for s in plan.splits):
