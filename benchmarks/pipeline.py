@@ -38,10 +38,10 @@ def write_shards(
         writer = ArrayRecordWriter(str(path), options)
         for index in range(num_clips * shard // num_shards, num_clips * (shard + 1) // num_shards):
             num_frames = int(rng.integers(frames // 2, frames + 1))
-            features = np.zeros((frames, num_mels), np.float16)  # [T, F]
-            features[:num_frames] = rng.random((num_frames, num_mels), np.float32)
+            spec = np.zeros((frames, num_mels), np.float16)  # [T, F]
+            spec[:num_frames] = rng.random((num_frames, num_mels), np.float32)
             labels = tuple(int(c) for c in rng.choice(527, 2, replace=False))
-            writer.write(records.encode(records.Clip(features, num_frames, f"clip{index}", labels)))
+            writer.write(records.encode(records.Clip(spec, num_frames, f"clip{index}", labels)))
         writer.close()
         paths.append(str(path))
     return paths

@@ -61,7 +61,9 @@ def decode(record: bytes) -> dict:
     try:
         d = msgpack.unpackb(record, raw=False)
     except Exception as e:  # msgpack raises several unrelated types (ExtraData, FormatError, ValueError, ...)
-        raise ValueError(f"expected a msgpack shard record, found undecodable bytes ({type(e).__name__}: {e})")
+        raise ValueError(
+            f"expected a msgpack shard record, found undecodable bytes ({type(e).__name__}: {e})"
+        ) from e
     if not isinstance(d, dict):
         raise ValueError(f"expected a msgpack map as shard record, found a {type(d).__name__}")
     version = d.get("v")
@@ -85,9 +87,15 @@ def decode(record: bytes) -> dict:
             f"shard record: expected a float16 spectrogram of shape [frames, n_mels], found shape {shape!r} "
             f"with {size} bytes"
         )
+    num_frames = d["num_frames"]
+    if not isinstance(num_frames, int) or not 0 < num_frames <= shape[0]:
+        raise ValueError(
+            f"shard record: expected num_frames in [1, {shape[0]}] (the spectrogram's frames), found "
+            f"{num_frames!r}"
+        )
     return {
         "spec": np.frombuffer(data, dtype=np.float16).reshape(shape),
-        "num_frames": np.int32(d["num_frames"]),
+        "num_frames": np.int32(num_frames),
         "clip_id": d["clip_id"],
         "labels": np.asarray(d["labels"], dtype=np.int32),
     }

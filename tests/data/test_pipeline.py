@@ -2,8 +2,8 @@
 global arrays over a mesh, and a real two-process run."""
 
 import json
+import multiprocessing
 import os
-import pickle
 import socket
 import subprocess
 import sys
@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from array_record.python.array_record_module import ArrayRecordWriter
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bat_jax.data import pipeline, records
+from bat_jax.data import pipeline, records, transforms
 
 NUM_RECORDS = 23
 NUM_SHARDS = 3
@@ -85,23 +85,6 @@ def test_roll_crop_pad_matches_np_roll():
         pipeline.roll_crop_pad(features, 5, 5, 8)
 
 
-def test_epoch_shuffle_sampler_reshuffles_each_epoch_and_keys_rngs_by_epoch_and_record():
-    make = lambda: pipeline.EpochShuffleSampler(25, shard_index=1, shard_count=3, seed=4)
-    sampler = make()
-    # The DataLoader asks this shard for indices position * 3 + 1; a share is 25 // 3 = 8 records.
-    meta = [sampler[position * 3 + 1] for position in range(24)]
-    epochs = [[m.record_key for m in meta[8 * e : 8 * (e + 1)]] for e in range(3)]
-    assert all(sorted(keys) == list(range(8, 16)) for keys in epochs)
-    assert len({tuple(keys) for keys in epochs}) == 3, f"expected a new order every epoch, found {epochs}"
-    draws = {(e, m.record_key): m.rng.integers(2**31) for e in range(3) for m in meta[8 * e : 8 * (e + 1)]}
-    again = pickle.loads(pickle.dumps(make()))
-    assert repr(again) == repr(sampler)
-    for position in reversed(range(24)):  # any order, a fresh (unpickled) sampler: the same draws
-        m = again[position * 3 + 1]
-        assert m.rng.integers(2**31) == draws[(position // 8, m.record_key)]
-    assert len(set(draws.values())) == len(draws)
-
-
 def test_multi_hot_and_bad_label():
     np.testing.assert_array_equal(pipeline.multi_hot(np.array([0, 3]), 4), [1, 0, 0, 1])
     np.testing.assert_array_equal(pipeline.multi_hot(np.array([], np.int32), 3), [0, 0, 0])
@@ -125,10 +108,30 @@ def test_shard_paths_manifest_and_glob(dataset, tmp_path):
 # ------------------------------------------------------------------------------------------- pretraining
 
 
+def test_pretrain_reshuffles_each_epoch_and_keys_rolls_by_seed_epoch_and_record(dataset):
+    _, paths, clips = dataset
+    # Process 1 of 2: a share of 23 // 2 = 11 records (11..21), batches of 1 clip, three epochs.
+    loader = pipeline.make_pretrain_loader(
+        paths, global_batch_size=2, target_frames=64, seed=4, process_index=1, process_count=2
+    )
+    batches = _take(loader, 33)
+    epochs = [[int(b["clip_index"][0]) for b in batches[11 * e : 11 * (e + 1)]] for e in range(3)]
+    assert all(sorted(keys) == list(range(11, 22)) for keys in epochs)
+    assert len({tuple(keys) for keys in epochs}) == 3, f"expected a new order every epoch, found {epochs}"
+    for position, batch in enumerate(batches):
+        record, epoch = int(batch["clip_index"][0]), position // 11
+        clip = clips[record]
+        offset = int(transforms.record_rng(4, epoch, record).integers(clip.num_frames))
+        expected = np.roll(clip.spec[: clip.num_frames], offset, axis=0).astype(np.float32)
+        np.testing.assert_array_equal(batch["spec"][0, : clip.num_frames], expected)
+    draws = {transforms.record_rng(4, e, r).integers(2**31) for e in range(3) for r in range(11, 22)}
+    assert len(draws) == 33, "every (epoch, record) pair draws its own roll"
+
+
 def test_pretrain_roll_keeps_values_and_padding_at_the_end(dataset):
     _, paths, clips = dataset
     loader = pipeline.make_pretrain_loader(
-        paths, global_batch_size=8, target_frames=MAX_FRAMES + 4, seed=5, num_classes=NUM_CLASSES
+        paths, global_batch_size=8, target_frames=64, seed=5, num_classes=NUM_CLASSES
     )
     offsets = []
     for batch in _take(loader, 4):
@@ -153,7 +156,7 @@ def test_pretrain_roll_keeps_values_and_padding_at_the_end(dataset):
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
 def test_pretrain_crop_pad_shapes_and_dtypes(dataset, dtype):
     _, paths, clips = dataset
-    target = 20  # shorter than some clips, longer than others
+    target = 32  # shorter than some clips, longer than others
     loader = pipeline.make_pretrain_loader(paths, global_batch_size=6, target_frames=target, dtype=dtype)
     batch = next(loader)
     assert batch["spec"].shape == (6, target, NUM_MELS) and batch["spec"].dtype == jnp.dtype(dtype)
@@ -182,11 +185,11 @@ def test_pretrain_repeats_and_simulated_processes_are_disjoint(dataset):
     seen = []
     for process_index in range(2):
         loader = pipeline.make_pretrain_loader(
-            paths, global_batch_size=4, target_frames=8, process_index=process_index, process_count=2
+            paths, global_batch_size=4, target_frames=16, process_index=process_index, process_count=2
         )
         # 11 records per process (23 // 2, remainder dropped), 2 per batch: 11 batches span two epochs.
         indices = np.concatenate([b["clip_index"] for b in _take(loader, 11)])
-        assert next(loader)["spec"].shape == (2, 8, NUM_MELS)
+        assert next(loader)["spec"].shape == (2, 16, NUM_MELS)
         assert sorted(set(indices[:11].tolist())) == sorted(indices[:11].tolist()), "an epoch repeats no clip"
         assert set(indices[11:]) <= set(indices[:11])
         seen.append(set(indices.tolist()))
@@ -238,11 +241,11 @@ def test_pretrain_global_arrays_over_an_8_device_mesh(dataset, dtype):
     assert jax.device_count() == 8
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"))
     sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None, None))
-    kwargs = dict(global_batch_size=16, target_frames=24, seed=4, num_classes=NUM_CLASSES, dtype=dtype)
+    kwargs = dict(global_batch_size=16, target_frames=32, seed=4, num_classes=NUM_CLASSES, dtype=dtype)
     batch = next(pipeline.make_pretrain_loader(paths, sharding=sharding, **kwargs))
     local = next(pipeline.make_pretrain_loader(paths, **kwargs))
     shapes = {
-        "spec": (16, 24, NUM_MELS),
+        "spec": (16, 32, NUM_MELS),
         "num_frames": (16,),
         "clip_index": (16,),
         "labels": (16, NUM_CLASSES),
@@ -265,7 +268,7 @@ def test_batch_that_does_not_divide_fails_early(dataset):
         pipeline.make_pretrain_loader(paths, global_batch_size=5, process_index=0, process_count=2)
     with pytest.raises(ValueError, match="global batch size 10 does not divide over 3 processes"):
         pipeline.make_eval_loader(
-            paths, global_batch_size=10, target_frames=8, process_index=0, process_count=3
+            paths, global_batch_size=10, target_frames=16, process_index=0, process_count=3
         )
 
 
@@ -281,7 +284,7 @@ def test_eval_covers_every_clip_exactly_once(dataset, process_count):
         loader = pipeline.make_eval_loader(
             paths,
             global_batch_size=per_process_batch * process_count,
-            target_frames=24,
+            target_frames=32,
             process_index=process_index,
             process_count=process_count,
             num_classes=NUM_CLASSES,
@@ -290,7 +293,7 @@ def test_eval_covers_every_clip_exactly_once(dataset, process_count):
         assert len(batches) == len(loader)
         num_batches.add(len(batches))
         for batch in batches:
-            assert batch["spec"].shape == (per_process_batch, 24, NUM_MELS)
+            assert batch["spec"].shape == (per_process_batch, 32, NUM_MELS)
             valid = batch["valid"]
             assert valid.dtype == bool and (batch["clip_index"][~valid] == -1).all()
             assert not batch["spec"][~valid].any() and not batch["labels"][~valid].any()
@@ -303,8 +306,8 @@ def test_eval_covers_every_clip_exactly_once(dataset, process_count):
                 strict=True,
             ):
                 clip = clips[int(index)]
-                expected = np.zeros((24, NUM_MELS), np.float32)
-                m = min(clip.num_frames, 24)
+                expected = np.zeros((32, NUM_MELS), np.float32)
+                m = min(clip.num_frames, 32)
                 expected[:m] = clip.spec[:m]  # no roll, cropped, zero-padded
                 assert n == m
                 np.testing.assert_array_equal(spec, expected)
@@ -319,7 +322,7 @@ def test_eval_pads_processes_with_fewer_records_with_invalid_batches(dataset):
     # 23 records over 6 processes: 3 or 4 each, per-process batch 3 -> 2 batches, the 2nd may be all padding.
     loaders = [
         pipeline.make_eval_loader(
-            paths, global_batch_size=18, target_frames=8, process_index=i, process_count=6
+            paths, global_batch_size=18, target_frames=16, process_index=i, process_count=6
         )
         for i in range(6)
     ]
@@ -411,3 +414,169 @@ def test_malloc_tuning_reaches_workers_env(monkeypatch):
     pipeline.tune_malloc.cache_clear()
     pipeline.tune_malloc()
     assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "12345"
+
+
+# -------------------------------------------------------------------------------------------- bad input
+
+LOADERS = {
+    "pretrain": lambda paths, **kw: pipeline.make_pretrain_loader(paths, global_batch_size=4, **kw),
+    "eval": lambda paths, **kw: pipeline.make_eval_loader(paths, global_batch_size=4, **kw),
+}
+
+
+def _drain(loader, batches=12):
+    """Every batch of an eval loader, or 12 pretraining batches (two epochs of 23 records)."""
+    if isinstance(loader, pipeline.EvalLoader):
+        return list(loader)
+    with loader:
+        return _take(loader, batches)
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_bare_string_or_path_as_paths_is_refused_with_a_sentence(dataset, kind):
+    root, paths, _ = dataset
+    for bare in (paths[0], Path(paths[0]), str(root)):
+        with pytest.raises(
+            TypeError,
+            match=r"expected a list of shard paths, found the string '/.*'; use "
+            r"pipeline\.shard_paths\(root, split\) for a prepared folder, or \[path\]",
+        ):
+            LOADERS[kind](bare, target_frames=16)
+    assert len(_drain(LOADERS[kind]([paths[0]], target_frames=16), 1)) >= 1  # [path] reads that shard
+
+
+def test_pretrain_batch_larger_than_the_process_share_fails_before_any_worker(dataset):
+    _, paths, _ = dataset
+    # 23 records over 2 processes: 11 each; a global batch of 24 is 12 per process.
+    with pytest.raises(ValueError) as error:
+        pipeline.make_pretrain_loader(
+            paths, global_batch_size=24, target_frames=16, process_index=0, process_count=2, worker_count=2
+        )
+    message = str(error.value)
+    for part in (
+        "batch of 12 clips per process",
+        "global batch 24 over 2 processes",
+        "23 records in 3 shards // 2 processes = 11",
+        "at most 22",
+    ):
+        assert part in message, message
+    assert not multiprocessing.active_children()
+    with pytest.raises(ValueError, match=r"batch of 24 clips per process .*\(23 records in 3 shards // 1"):
+        pipeline.make_pretrain_loader(paths, global_batch_size=24, target_frames=16)
+    fits = pipeline.make_pretrain_loader(
+        paths, global_batch_size=22, target_frames=16, process_index=1, process_count=2
+    )
+    assert next(fits)["spec"].shape[0] == 11  # the whole share in one batch is fine
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_target_frames_not_a_multiple_of_the_time_patch_fails_before_any_worker(dataset, kind):
+    _, paths, _ = dataset
+    for bad in (20, 1000, 0, -16):
+        with pytest.raises(
+            ValueError,
+            match=rf"expected target_frames a positive multiple of 16 "
+            rf"\(frames_multiple, the encoder's time patch size\), found {bad}",
+        ):
+            LOADERS[kind](paths, target_frames=bad, worker_count=2)
+    assert not multiprocessing.active_children()
+    batch = _drain(LOADERS[kind](paths, target_frames=20, frames_multiple=4), 1)[0]  # another patch size
+    assert batch["spec"].shape == (4, 20, NUM_MELS)
+    with pytest.raises(ValueError, match="expected frames_multiple a positive integer, found 0"):
+        LOADERS[kind](paths, target_frames=16, frames_multiple=0)
+
+
+def _flip_bytes(path: Path, offset: int, count: int = 8) -> None:
+    """Bit rot: invert `count` bytes at `offset`, the file keeps its size."""
+    data = bytearray(path.read_bytes())
+    size = len(data)
+    data[offset : offset + count] = bytes(255 - b for b in data[offset : offset + count])
+    path.write_bytes(bytes(data))
+    assert path.stat().st_size == size
+
+
+def _unreadable_records(path: Path) -> list[int]:
+    reader = ArrayRecordReader(str(path))
+    bad = []
+    for i in range(reader.num_records()):
+        try:
+            reader.read([i])
+        except Exception:
+            bad.append(i)
+    reader.close()
+    return bad
+
+
+@pytest.fixture(scope="module")
+def corrupted(tmp_path_factory):
+    """The dataset's three shards, the middle one with bytes flipped inside its 4th record's chunk."""
+    root = tmp_path_factory.mktemp("corrupted")
+    _write_clips(root, "train", NUM_RECORDS, seed=0)
+    paths = pipeline.shard_paths(root, "train")
+    _flip_bytes(Path(paths[1]), 3000)  # the records of this shard occupy its first ~5 kB
+    bad = _unreadable_records(Path(paths[1]))
+    assert len(bad) == 1, f"expected exactly one unreadable record, found {bad}"
+    return paths, bad[0]
+
+
+@pytest.mark.parametrize(
+    "worker_count",
+    [0, pytest.param(1, marks=pytest.mark.slow)],  # 1: the error crosses a worker process
+)
+@pytest.mark.parametrize("kind", LOADERS)
+def test_corrupted_shard_error_names_the_file_and_the_record(corrupted, kind, worker_count):
+    paths, local = corrupted
+    first = NUM_RECORDS * 1 // NUM_SHARDS  # global index of the middle shard's first record
+    loader = LOADERS[kind](paths, target_frames=16, worker_count=worker_count)
+    with pytest.raises(pipeline.ShardError) as error:
+        _drain(loader)
+    message = str(error.value)
+    assert message.startswith(
+        f"shard {paths[1]}: record {local} of that shard (record {first + local} of "
+        f"the {NUM_RECORDS} in {NUM_SHARDS} shards) cannot be read"
+    ), message
+    assert "Corrupted Riegeli" in message and f"bat-jax verify {Path(paths[1]).parent}" in message
+
+
+def _shard_with_a_bad_record(root: Path, bad: bytes) -> list[str]:
+    """Two shards of 6 good records each, record 4 of the second replaced by `bad`."""
+    rng = np.random.default_rng(3)
+    paths = []
+    for shard in range(2):
+        path = root / f"s{shard}.arrayrecord"
+        writer = ArrayRecordWriter(str(path), "group_size:1")
+        for i in range(6):
+            clip = records.Clip(rng.uniform(0, 1, (20, NUM_MELS)).astype(np.float16), 20, f"c{shard}{i}")
+            writer.write(bad if (shard, i) == (1, 4) else records.encode(clip))
+        writer.close()
+        paths.append(str(path))
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        (b"\xc1 this is not msgpack", "does not decode (ValueError: expected a msgpack shard record"),
+        (
+            records.encode(records.Clip(np.zeros((20, NUM_MELS + 1), np.float16), 20, "wide")),
+            f"has the wrong shape (expected n_mels {NUM_MELS} as record 0, found spec [20, {NUM_MELS + 1}])",
+        ),
+    ],
+    ids=["garbage", "wrong_shape"],
+)
+@pytest.mark.parametrize(
+    "worker_count",
+    [0, pytest.param(1, marks=pytest.mark.slow)],  # 1: the error crosses a worker process
+)
+@pytest.mark.parametrize("kind", LOADERS)
+def test_record_that_reads_but_does_not_decode_names_the_file_and_the_record(
+    tmp_path, kind, worker_count, bad, reason
+):
+    paths = _shard_with_a_bad_record(tmp_path, bad)
+    with pytest.raises(pipeline.ShardError) as error:
+        _drain(LOADERS[kind](paths, target_frames=16, worker_count=worker_count))
+    message = str(error.value)
+    assert message.startswith(
+        f"shard {paths[1]}: record 4 of that shard (record 10 of the 12 in 2 shards) {reason}"
+    ), message
+    assert f"bat-jax verify {tmp_path}" in message

@@ -1,4 +1,5 @@
-"""The shard record format: version 2 writes `spec`, version 1 (`features`) still reads, bad bytes are refused."""
+"""The shard record format: version 2 writes `spec`, version 1 (`features`) still reads, bad bytes are
+refused."""
 
 import msgpack
 import numpy as np
@@ -29,7 +30,14 @@ def test_version_2_round_trip_names_the_spectrogram_spec():
 def test_version_1_records_with_features_key_still_decode():
     spec = _clip(1).spec
     v1 = msgpack.packb(
-        {"v": 1, "features": spec.tobytes(), "shape": [7, 4], "num_frames": 7, "clip_id": "old", "labels": [0]},
+        {
+            "v": 1,
+            "features": spec.tobytes(),
+            "shape": [7, 4],
+            "num_frames": 7,
+            "clip_id": "old",
+            "labels": [0],
+        },
         use_bin_type=True,
     )
     out = records.decode(v1)
@@ -39,7 +47,9 @@ def test_version_1_records_with_features_key_still_decode():
 
 def test_unknown_version_is_refused_with_the_versions_read():
     bad = msgpack.packb({"v": 3, "spec": b"", "shape": [0, 0]}, use_bin_type=True)
-    with pytest.raises(ValueError, match=r"unknown shard record version 3; this bat-jax reads versions \[1, 2\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown shard record version 3; this bat-jax reads versions \[1, 2\]"
+    ):
         records.decode(bad)
 
 
@@ -55,6 +65,13 @@ def test_unknown_version_is_refused_with_the_versions_read():
                 use_bin_type=True,
             ),
             r"found shape \[2, 2\] with 6 bytes",
+        ),
+        (
+            msgpack.packb(
+                {"v": 2, "spec": b"\0" * 8, "shape": [2, 2], "num_frames": 3, "clip_id": "c", "labels": []},
+                use_bin_type=True,
+            ),
+            r"expected num_frames in \[1, 2\] \(the spectrogram's frames\), found 3",
         ),
     ],
 )

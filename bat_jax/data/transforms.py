@@ -1,0 +1,92 @@
+"""Per-clip functions of the loaders: roll / crop / pad a decoded record into an example, multi-hot labels,
+and the Grain transforms that apply them (see `bat_jax.data.pipeline` for what each loader does)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import numpy as np
+
+Example = dict[str, np.ndarray]
+
+
+def roll_crop_pad(spec: np.ndarray, num_frames: int, offset: int, target_frames: int) -> np.ndarray:
+    """spec [frames, F] → [target_frames, F]: roll spec[:num_frames] by `offset` (as np.roll),
+    keep the first `target_frames` frames, zero-pad the rest. One copy, in the input dtype."""
+    n, m = int(num_frames), min(int(num_frames), target_frames)
+    if not 0 <= offset < n:
+        raise ValueError(f"roll: expected an offset in [0, {n}), found {offset}")
+    out = np.empty((target_frames, spec.shape[1]), spec.dtype)  # [T, F]
+    head = min(offset, m)  # rolled[:offset] = valid[n - offset:]
+    out[:head] = spec[n - offset : n - offset + head]
+    out[head:m] = spec[: m - head]
+    out[m:] = 0
+    return out
+
+
+def multi_hot(labels: np.ndarray, num_classes: int, where: str = "labels") -> np.ndarray:
+    """Class indices [k] → float32 [num_classes]."""
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{where}: expected labels in [0, {num_classes}), found {labels.tolist()}")
+    out = np.zeros((num_classes,), np.float32)
+    out[labels] = 1.0
+    return out
+
+
+def clip_example(
+    element: tuple[int, dict[str, Any]],
+    target_frames: int,
+    num_classes: int | None = None,
+    rng: np.random.Generator | None = None,
+) -> Example:
+    """(record index, decoded record) → {"spec": fp16 [T, F], "num_frames", "clip_index"[, "labels"]}.
+
+    With `rng` the valid frames are rolled by an offset drawn in [0, num_frames); without, no roll."""
+    index, clip = element
+    n = int(clip["num_frames"])
+    offset = int(rng.integers(n)) if rng is not None else 0
+    example = {
+        "spec": roll_crop_pad(clip["spec"], n, offset, target_frames),  # fp16 [T, F]
+        "num_frames": np.int32(min(n, target_frames)),
+        "clip_index": np.int32(index),
+    }
+    if num_classes is not None:
+        where = f"clip {clip['clip_id']!r} (record {index})"
+        example["labels"] = multi_hot(clip["labels"], num_classes, where)
+    return example
+
+
+def record_rng(seed: int, epoch: int, record: int) -> np.random.Generator:
+    """The generator of one record in one epoch: keyed by (seed, epoch, record) and nothing else."""
+    return np.random.Generator(np.random.Philox(key=[record, (seed << 32) | epoch]))
+
+
+@dataclasses.dataclass(frozen=True)
+class RollCropPad(grain.transforms.MapWithIndex):
+    """Pretraining: random circular roll of the valid frames, crop / zero-pad.
+
+    Applied to the endless shuffled stream of this process's `records_per_epoch` records: element `index`
+    belongs to epoch index // records_per_epoch, and its roll is drawn from `record_rng(seed, epoch,
+    record)`, so it does not depend on the worker count nor on the record's position in the epoch."""
+
+    target_frames: int
+    seed: int
+    records_per_epoch: int
+    num_classes: int | None = None
+
+    def map_with_index(self, index: int, element: tuple[int, dict[str, Any]]) -> Example:
+        rng = record_rng(self.seed, index // self.records_per_epoch, element[0])
+        return clip_example(element, self.target_frames, self.num_classes, rng)
+
+
+@dataclasses.dataclass(frozen=True)
+class CropPad(grain.transforms.Map):
+    """Evaluation: first `target_frames` frames, zero-pad (no roll)."""
+
+    target_frames: int
+    num_classes: int | None = None
+
+    def map(self, element: tuple[int, dict[str, Any]]) -> Example:
+        return clip_example(element, self.target_frames, self.num_classes)
