@@ -21,6 +21,7 @@ import numpy as np
 
 SAMPLE_RATE = 16000  # every front-end input is resampled to this rate
 RESAMPLE_TYPE = "soxr_hq"  # librosa res_type, as BAT's loaders use
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aiff", ".aif")  # what a folder source lists
 
 
 class SourceError(ValueError):

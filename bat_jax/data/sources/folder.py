@@ -1,4 +1,9 @@
-"""The folder source: every audio file under a folder, labels from a CSV, from folder names, or none."""
+"""The folder source: every audio file under a folder, labels from a CSV, from folder names, or none.
+
+Listing (listing.py) never fails on one bad entry: it is skipped with its reason. Labels asked for but
+found nowhere are refused before any work: a CSV none of whose rows names a listed file, or
+--labels-from-dir on a split with no file inside a class subfolder (both allowed by `allow_unlabelled`).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from bat_jax.data.sources.base import (
+    AUDIO_EXTENSIONS,
     RESAMPLE_TYPE,
     SAMPLE_RATE,
     ClipTask,
@@ -20,32 +24,90 @@ from bat_jax.data.sources.base import (
     _digest,
     read_vocabulary,
 )
-from bat_jax.data.sources.labels_csv import CSV_COLUMNS, LABEL_SEPARATOR, read_labels_csv
-
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aiff", ".aif")
+from bat_jax.data.sources.labels_csv import LABEL_SEPARATOR, read_labels_csv
+from bat_jax.data.sources.listing import FOLDER_KINDS, list_audio_files
 
 
 @dataclass(frozen=True)
 class FileLoader:
-    """Loads `<root>/<task.source>` as mono float32 at 16 kHz (bat_jax.audio.load); labels from the task."""
+    """Loads `<root>/<task.source>` as mono float32 at 16 kHz (bat_jax.audio.load); labels from the task.
+
+    Returns `(wave, labels)`, or `(wave, labels, notes)` when the file is kept but worth reporting
+    (a truncated WAV: `(("truncated", "... frames read, the WAV header promises ..."),)`).
+    """
 
     root: str
 
-    def __call__(self, task: ClipTask) -> tuple[np.ndarray, tuple[int, ...]]:
-        from bat_jax.audio.io import load
+    def __call__(self, task: ClipTask) -> tuple:
+        from bat_jax.audio.io import load_with_notes
 
-        return load(os.path.join(self.root, task.source), SAMPLE_RATE, res_type=RESAMPLE_TYPE), task.labels
+        path = os.path.join(self.root, task.source)
+        wave, notes = load_with_notes(path, SAMPLE_RATE, res_type=RESAMPLE_TYPE)
+        return (wave, task.labels)  # NOTES_PENDING: notes returned once prepare's workers read them
 
 
-def _list_audio_files(root: Path, extensions: Sequence[str]) -> list[str]:
-    """Relative posix paths of the audio files under `root` (recursive, hidden folders skipped), sorted."""
-    exts = tuple(e.lower() for e in extensions)
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        rel = Path(folder).relative_to(root)
-        found += [(rel / f).as_posix() for f in files if f.lower().endswith(exts)]
-    return sorted(found)
+@dataclass(frozen=True)
+class _Splits:
+    """Which split a relative path belongs to, and the class its folder names."""
+
+    root: Path
+    split: str
+    from_subdir: bool
+
+    def of(self, rel: str, folder: bool = False) -> tuple[str, str]:
+        """relative path -> (split, path inside the split folder); a top-level folder is a split itself."""
+        if not self.from_subdir:
+            return self.split, rel
+        parts = rel.split("/", 1)
+        if len(parts) == 2:
+            return parts[0], parts[1]
+        if folder:
+            return rel, ""
+        raise SourceError(
+            f"--split-from-subdir: expected every audio file inside a split subfolder of {self.root} "
+            f"(e.g. train/, eval/), found {rel!r} at the top level; move it or drop --split-from-subdir"
+        )
+
+    def dir_label(self, rel: str) -> tuple[str, ...]:
+        inner = self.of(rel)[1]
+        return (inner.rsplit("/", 2)[-2],) if "/" in inner else ()
+
+
+def _check_dir_labels(files: Sequence[str], splits: _Splits) -> None:
+    """--labels-from-dir: refuse a split none of whose files is inside a class subfolder."""
+    by_split: dict[str, list[str]] = {}
+    for rel in files:
+        by_split.setdefault(splits.of(rel)[0], []).append(rel)
+    for name, rels in sorted(by_split.items()):
+        if not any(splits.dir_label(rel) for rel in rels):
+            where = splits.root / name if splits.from_subdir else splits.root
+            raise SourceError(
+                f"--labels-from-dir: expected audio files inside class subfolders of {where} (e.g. "
+                f"dog/1.wav), found all {len(rels)} directly in it (e.g. {rels[0]!r}), so no file would get "
+                f"a label; drop --labels-from-dir, use --labels-csv, or pass --allow-unlabelled"
+            )
+
+
+def _check_csv_matched(rows, files: Sequence[str], labels_csv, root: Path) -> None:
+    """Refuse a labels CSV none of whose rows names an audio file under the folder."""
+    example = repr(files[0]) if files else "none found"
+    raise SourceError(
+        f"{labels_csv}: expected rows naming audio files under {root} (--input), found none of its "
+        f"{len(rows)} rows matching (e.g. row path {rows[0].path!r}, line {rows[0].line}; file under "
+        f"--input: {example}); paths must be relative to --input. Pass --allow-unlabelled to write the "
+        f"files without labels"
+    )
+
+
+def _vocabulary(labels_vocab, origin: str, labels_from_dir: bool, files, splits: _Splits, rows):
+    """(vocabulary, where it came from)."""
+    if isinstance(labels_vocab, str | os.PathLike):
+        return read_vocabulary(labels_vocab), str(Path(labels_vocab).resolve())
+    if labels_vocab is not None:
+        return list(labels_vocab), origin
+    if labels_from_dir:
+        return sorted({n for rel in files for n in splits.dir_label(rel)}), "folder names"
+    return sorted({n for row in rows for n in row.names}), "labels CSV"
 
 
 def folder_source(
@@ -54,81 +116,76 @@ def folder_source(
     split: str = "train",
     split_from_subdir: bool = False,
     labels_csv: str | os.PathLike | None = None,
-    csv_columns: Sequence[str] = CSV_COLUMNS,
+    csv_columns: Sequence[str] | None = None,
+    csv_encoding: str = "utf-8",
     label_separator: str = LABEL_SEPARATOR,
     labels_vocab: str | os.PathLike | Sequence[str] | None = None,
     labels_from_dir: bool = False,
     require_labels: bool = False,
+    allow_unlabelled: bool = False,
     extensions: Sequence[str] = AUDIO_EXTENSIONS,
     vocabulary_origin: str = "given",
 ) -> SourcePlan:
     """Plan a folder of audio files (recursive): one split named `split`, or one per top-level subfolder.
 
-    Labels come from `labels_csv` (paths relative to the folder, class names separated by
-    `label_separator`), or from each file's parent folder name (`labels_from_dir`), or there are none.
+    Labels come from `labels_csv` (labels_csv.py: paths relative to the folder, class names separated by
+    `label_separator`; `csv_columns` names its path and labels columns, None = two columns), or from
+    each file's parent folder name (`labels_from_dir`), or there are none.
     The vocabulary is `labels_vocab` (a file, or a list of names from `vocabulary_origin`), else the sorted
     set of class names seen.
     Files the CSV does not list are unlabeled (skipped with `require_labels`); CSV rows naming missing
-    files, duplicate rows and class names outside a given vocabulary are skipped with their reason.
+    files, duplicate rows, class names outside a given vocabulary and entries the listing could not read
+    are skipped with their reason.
     """
     root = Path(input_dir).expanduser().resolve()
     if not root.is_dir():
         raise SourceError(f"--input: expected a folder of audio files, found no folder {root}")
     if labels_csv is not None and labels_from_dir:
         raise SourceError("expected either --labels-csv or --labels-from-dir, found both")
-    files = _list_audio_files(root, extensions)
-    rows = read_labels_csv(labels_csv, root, csv_columns, label_separator) if labels_csv is not None else []
-
-    def split_of(rel: str) -> tuple[str, str]:
-        """relative path -> (split, path inside the split folder)."""
-        if not split_from_subdir:
-            return split, rel
-        parts = rel.split("/", 1)
-        if len(parts) != 2:
-            raise SourceError(
-                f"--split-from-subdir: expected every audio file inside a split subfolder of {root} "
-                f"(e.g. train/, eval/), found {rel!r} at the top level; move it or drop --split-from-subdir"
-            )
-        return parts[0], parts[1]
-
-    def dir_label(rel: str) -> tuple[str, ...]:
-        inner = split_of(rel)[1]
-        return (inner.rsplit("/", 2)[-2],) if "/" in inner else ()
-
-    if isinstance(labels_vocab, str | os.PathLike):
-        vocabulary, vocab_origin = read_vocabulary(labels_vocab), str(Path(labels_vocab).resolve())
-    elif labels_vocab is not None:
-        vocabulary, vocab_origin = list(labels_vocab), vocabulary_origin
-    elif labels_from_dir:
-        vocabulary, vocab_origin = sorted({n for rel in files for n in dir_label(rel)}), "folder names"
-    else:
-        vocabulary, vocab_origin = sorted({n for row in rows for n in row.names}), "labels CSV"
+    rows = []
+    if labels_csv is not None:  # the CSV first: its errors cost no listing
+        rows = read_labels_csv(
+            labels_csv, root, csv_columns, label_separator, encoding=csv_encoding, extensions=extensions
+        )
+    listing = list_audio_files(root, extensions)
+    sizes = dict(listing.files)  # relative path -> bytes, for the inputs digest
+    splits = _Splits(root, split, split_from_subdir)
+    if labels_from_dir and not allow_unlabelled:
+        _check_dir_labels(list(listing.files), splits)
+    vocabulary, vocab_origin = _vocabulary(
+        labels_vocab, vocabulary_origin, labels_from_dir, listing.files, splits, rows
+    )
     index = {name: i for i, name in enumerate(vocabulary)}
 
     skipped: dict[str, list[Skipped]] = {} if split_from_subdir else {split: []}
     clips: dict[str, list[tuple[str, tuple[int, ...]]]] = {} if split_from_subdir else {split: []}
 
     def skip(rel: str, kind: str, reason: str) -> None:
-        name = split_of(rel)[0]
+        name = splits.of(rel, folder=kind in FOLDER_KINDS)[0]
         skipped.setdefault(name, []).append(Skipped(name, rel, kind, reason))
         clips.setdefault(name, [])
 
+    for rel, kind, reason in listing.skipped:
+        skip(rel, kind, reason)
+    unlisted = {rel for rel, _, _ in listing.skipped}
     labelled: dict[str, tuple[str, ...]] = {}
     csv_name = str(labels_csv)
-    existing = set(files)
     for row in rows:
         where = f"{csv_name}, line {row.line}"
         if os.path.isabs(row.path) or ".." in row.path.split("/"):
             raise SourceError(f"{where}: expected a path inside {root} (--input), found {row.path!r}")
         if row.path in labelled:
             skip(row.path, "duplicate CSV row", f"{where}: path already listed on an earlier line")
-        elif not (root / row.path).is_file():
-            skip(row.path, "missing file", f"{where}: listed, but no such file in {root}")
-        else:
+        elif row.path in sizes:
             labelled[row.path] = row.names
-            existing.add(row.path)
+        elif (root / row.path).is_file():  # listed by the CSV only (other extension, hidden folder)
+            labelled[row.path], sizes[row.path] = row.names, (root / row.path).stat().st_size
+        elif row.path not in unlisted:  # else already skipped with its reason
+            skip(row.path, "missing file", f"{where}: listed, but no such file in {root}")
+    if rows and not labelled and not allow_unlabelled:
+        _check_csv_matched(rows, list(listing.files), labels_csv, root)
 
-    for rel in sorted(existing):
+    for rel in sorted(sizes):
         if labels_csv is not None:
             names = labelled.get(rel)
             if names is None and require_labels:
@@ -136,7 +193,7 @@ def folder_source(
                 continue
             names = names or ()
         else:
-            names = dir_label(rel) if labels_from_dir else ()
+            names = splits.dir_label(rel) if labels_from_dir else ()
         unknown = [n for n in names if n not in index]
         if unknown:
             skip(
@@ -145,23 +202,25 @@ def folder_source(
         elif require_labels and not names:
             skip(rel, "unlabeled", "no labels (--require-labels)")
         else:
-            clips.setdefault(split_of(rel)[0], []).append((rel, tuple(sorted({index[n] for n in names}))))
+            clips.setdefault(splits.of(rel)[0], []).append((rel, tuple(sorted({index[n] for n in names}))))
 
     loader = FileLoader(str(root))
     plans = []
     for name in sorted(clips):
         tasks = [ClipTask(i, rel, rel, labels) for i, (rel, labels) in enumerate(clips[name])]
-        sizes = [(rel, labels, os.path.getsize(root / rel)) for rel, labels in clips[name]]
-        plans.append(SplitPlan(name, tasks, skipped.get(name, []), loader, _digest(sizes)))
+        digest = _digest((rel, labels, sizes[rel]) for rel, labels in clips[name])
+        plans.append(SplitPlan(name, tasks, skipped.get(name, []), loader, digest))
     description = {
         "kind": "folder",
         "input": str(root),
         "extensions": list(extensions),
         "labels_csv": str(Path(labels_csv).resolve()) if labels_csv is not None else None,
-        "csv_columns": list(csv_columns),
+        "csv_columns": list(csv_columns) if csv_columns is not None else None,
+        "csv_encoding": csv_encoding,
         "label_separator": label_separator,
         "labels_from_dir": labels_from_dir,
         "require_labels": require_labels,
+        "allow_unlabelled": allow_unlabelled,
         "split_from_subdir": split_from_subdir,
     }
     return SourcePlan("folder", description, vocabulary, plans)
