@@ -5,11 +5,12 @@ Layout under an output folder OUT:
     OUT/manifest.json                               written last, from the state below
     OUT/.progress/global.json                       settings shared by all splits (front-end, vocabulary...)
     OUT/.progress/<split>/split.json                the split's settings and inputs rejected while listing
-    OUT/.progress/<split>/<shard>.done.json         per finished shard: record count, size, skipped inputs
+    OUT/.progress/<split>/<shard>.done.json         per finished shard: record count, size, sha256, skipped
+                                                    inputs and notes
     OUT/.progress/lock                              held (flock) while a run writes OUT
 
 A shard is written to `<shard>.tmp`, renamed when complete, and only then gets its `.done.json`; a shard
-counts as done when both exist and agree (size, record count, settings digest).
+counts as done when both exist and agree (settings digest, size, sha256 of the file, record count).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ WRITER_OPTIONS = "group_size:1,uncompressed"
 PROGRESS_DIR = ".progress"
 MANIFEST = "manifest.json"
 DONE_SUFFIX = ".done.json"
+HASH_BLOCK = 1 << 20  # bytes read at a time when hashing a shard
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -83,6 +85,15 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in blocks (memory stays flat for any shard size)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
 def count_records(path: Path) -> int:
     from array_record.python.array_record_module import ArrayRecordReader
 
@@ -121,16 +132,31 @@ class ShardWriter:
             pass
 
 
-def shard_done(shard: Path, done: dict | None, config_digest: str) -> bool:
-    """True when `shard` is complete: its .done.json matches the settings, the file size and record count."""
+def shard_problem(shard: Path, done: dict | None, config_digest: str) -> str | None:
+    """Why `shard` is not complete (None when it is): its .done.json must match the settings, and the file its
+    size, sha256 and record count. A shard never finished gives "not written"; one whose bytes changed
+    (bit rot, a bad copy) gives the checksum it has against the recorded one."""
     if not done or done.get("config_digest") != config_digest or not shard.is_file():
-        return False
+        return "not written"
     if shard.stat().st_size != done.get("bytes"):
-        return False
+        return f"size {shard.stat().st_size} bytes, expected {done.get('bytes')}"
+    if not done.get("sha256"):
+        return "no checksum recorded"
+    found = sha256_file(shard)
+    if found != done["sha256"]:
+        return f"checksum mismatch: sha256 {found[:16]}..., expected {done['sha256'][:16]}..."
     try:
-        return count_records(shard) == done.get("num_records")
-    except Exception:  # noqa: BLE001 - an unreadable shard is not done
-        return False
+        records = count_records(shard)
+    except Exception as e:  # noqa: BLE001 - an unreadable shard is not done
+        return f"unreadable: {type(e).__name__}: {e}"
+    if records != done.get("num_records"):
+        return f"{records} records, expected {done.get('num_records')}"
+    return None
+
+
+def shard_done(shard: Path, done: dict | None, config_digest: str) -> bool:
+    """True when `shard` is complete (see shard_problem)."""
+    return shard_problem(shard, done, config_digest) is None
 
 
 class OutputLock:

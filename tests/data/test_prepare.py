@@ -1,6 +1,7 @@
 """`bat-jax prepare`: sources, front-end bucketing, shards, manifest, skips, determinism, resume, TFDS."""
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -309,6 +310,77 @@ def test_resume_rewrites_only_missing_shards(tmp_path):
     names[1].write_bytes(names[1].read_bytes()[:100])
     assert run_cli(*args) == 0
     assert shard_files(out) == clean and names[0].stat().st_mtime_ns == 1_000_000_000
+
+
+def flip_bytes(path: Path, at: int, count: int = 4) -> None:
+    """Bit rot: invert `count` bytes at offset `at`, keeping the file's size."""
+    data = bytearray(path.read_bytes())
+    data[at : at + count] = bytes(b ^ 0xFF for b in data[at : at + count])
+    path.write_bytes(bytes(data))
+
+
+def test_checksums_in_done_files_and_manifest_and_resume_recomputes_a_rotten_shard(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [*SYNTH, "--num-clips", 6, "--num-eval-clips", 0, "--clips-per-shard", 2, "--workers", 1]
+    assert run_cli(*args, "--out", out) == 0
+    clean = shard_files(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    listed = manifest["splits"]["train"]["shards"]
+    for shard in listed:
+        done = json.loads((out / ".progress" / (shard["path"] + shards.DONE_SUFFIX)).read_text())
+        assert (
+            shard["sha256"]
+            == done["sha256"]
+            == hashlib.sha256((out / shard["path"]).read_bytes()).hexdigest()
+        )
+    rotten = out / listed[1]["path"]
+    size = rotten.stat().st_size
+    flip_bytes(rotten, size // 2)
+    assert rotten.stat().st_size == size and shard_files(out) != clean
+    capsys.readouterr()
+    assert run_cli(*args, "--out", out) == 0
+    summary = capsys.readouterr().out
+    assert f"shard {listed[1]['path']} was bad (checksum mismatch" in summary
+    assert summary.count("was bad") == 1
+    assert shard_files(out) == clean
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["timing"]["shards_computed"] == 1 and manifest["timing"]["shards_reused"] == 2
+
+
+def _noted_loader(task):
+    """A loader that keeps every clip and notes the odd ones as truncated."""
+    wave = np.sin(np.arange(4000 + 800 * task.index, dtype=np.float32) / 7.0)
+    if task.index % 2:
+        return wave, (0,), (("truncated", f"read {wave.size} frames, header says {2 * wave.size}"),)
+    return wave, (1,)
+
+
+def test_loader_notes_go_to_done_files_manifest_and_summary(tmp_path):
+    tasks = [sources.ClipTask(i, f"clip{i}", f"files/clip{i}.wav") for i in range(5)]
+    split = sources.SplitPlan("train", tasks, [], _noted_loader, "digest-of-five")
+    plan = sources.SourcePlan("custom", {"kind": "custom"}, ["a", "b"], [split])
+    result = prepare.prepare(plan, tmp_path / "out", BAT, clips_per_shard=3, progress=False)
+    assert result.exit_status == 0
+    manifest, clips = read_split(tmp_path / "out", "train")
+    assert len(clips) == 5 and manifest["skipped"] == []
+    expected = [
+        {
+            "split": "train",
+            "source": f"files/clip{i}.wav",
+            "kind": "truncated",
+            "reason": f"read {4000 + 800 * i} frames, header says {2 * (4000 + 800 * i)}",
+        }
+        for i in (1, 3)
+    ]
+    assert manifest["notes"] == expected and manifest["splits"]["train"]["num_notes"] == 2
+    progress = tmp_path / "out" / ".progress" / "train"
+    done = [json.loads(p.read_text())["notes"] for p in sorted(progress.glob("*" + shards.DONE_SUFFIX))]
+    assert done == [expected[:1], expected[1:]]
+    summary = prepare.format_summary(result, tmp_path / "out")
+    assert (
+        "kept with notes (2;" in summary
+        and "truncated: 2  (e.g. files/clip1.wav: read 4800 frames" in summary
+    )
 
 
 def test_clip_seconds_cuts_waves_and_pads_features_after_normalisation(tmp_path):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +16,7 @@ from pathlib import Path
 from bat_jax.data import records, shards
 from bat_jax.data.prepare.frontend import SAMPLE_RATE, Frontend
 from bat_jax.data.prepare.output import (
+    Interrupted,
     SplitRun,
     _jsonable,
     _refuse_foreign,
@@ -26,6 +30,30 @@ from bat_jax.data.sources import SourceError, SourcePlan
 
 CLIPS_PER_SHARD = 1024
 SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # split names become folder and file names
+
+
+@contextlib.contextmanager
+def _stop_on_sigint():
+    """A threading.Event set by SIGINT while `prepare` runs (in the main thread; elsewhere never set).
+
+    The shard loop checks it between clips and stops cleanly (Interrupted), so an interrupt never lands inside
+    a jit, a gc callback or the pool's machinery, where Python may swallow it ("Exception ignored in ...").
+    A second SIGINT raises KeyboardInterrupt at once.
+    """
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def on_sigint(signum, frame):
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @dataclass
@@ -84,12 +112,14 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     runs: list[SplitRun] = []
     loaders = {s.name: s.loader for s in source.splits}
-    with shards.OutputLock(out):
+    with _stop_on_sigint() as stop, shards.OutputLock(out):
         check_output(out, global_cfg, split_cfgs, overwrite)
         progress_dir = out / shards.PROGRESS_DIR
         shards.write_json(progress_dir / "global.json", global_cfg)
         with Runner(workers, loaders, frontend, len(source.vocabulary)) as runner:
             for split in source.splits:
+                if stop.is_set():
+                    raise Interrupted()
                 split_start = time.time()
                 state_dir = progress_dir / split.name
                 state_dir.mkdir(parents=True, exist_ok=True)
@@ -100,7 +130,7 @@ def prepare(
                 }
                 shards.write_json(state_dir / "split.json", split_state)
                 digest = shards.digest({"global": global_cfg, "split": split_cfgs[split.name]})
-                runs.append(_write_split(out, split, ranges[split.name], digest, runner, progress))
+                runs.append(_write_split(out, split, ranges[split.name], digest, runner, progress, stop))
                 shards.write_json(
                     state_dir / "split.json", {**split_state, "seconds": time.time() - split_start}
                 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bat_jax.data import records, shards, sources
@@ -98,6 +98,60 @@ class SplitRun:
     shards_total: int
     shards_reused: int
     clips_computed: int
+    # shards found finished but bad (checksum, size, records) and computed again: (path in OUT, reason)
+    shards_repaired: list[tuple[str, str]] = field(default_factory=list)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT arrived: the run stopped between two clips; finished shards stay, the current one is dropped."""
+
+
+def _shards_to_write(out: Path, split: str, names: list[str], config_digest: str):
+    """(indices of the shards to write, [(path, reason)] of finished shards that turned out bad)."""
+    state_dir = out / shards.PROGRESS_DIR / split
+    todo, repaired = [], []
+    for k, name in enumerate(names):
+        done = shards.read_json(state_dir / (name + shards.DONE_SUFFIX))
+        problem = shards.shard_problem(out / split / name, done, config_digest)
+        if problem is not None:
+            todo.append(k)
+            if done is not None and done.get("config_digest") == config_digest:
+                repaired.append((f"{split}/{name}", problem))
+    return todo, repaired
+
+
+def _write_shard(out: Path, split: SplitPlan, name: str, positions: range, results, stop, bar) -> dict:
+    """Write one shard from the next len(positions) results; returns its .done.json state, less the digest."""
+    writer = shards.ShardWriter(out / split.name / name)
+    state = {"num_records": 0, "num_inputs": len(positions), "total_frames": 0, "num_samples": 0}
+    skipped, notes = [], []
+    try:
+        for i in positions:
+            if stop is not None and stop.is_set():
+                raise Interrupted()
+            task, result = split.tasks[i], next(results)
+            for kind, reason in result.notes:
+                notes.append({"split": split.name, "source": task.source, "kind": kind, "reason": reason})
+            if result.record is None:
+                skipped.append(sources.Skipped(split.name, task.source, result.kind, result.reason).to_json())
+            else:
+                writer.write(result.record)
+                state["total_frames"] += result.num_frames
+                state["num_samples"] += result.num_samples
+            bar.update(1)
+        size = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    sha256 = shards.sha256_file(writer.path)
+    return {
+        **state,
+        "num_records": writer.num_records,
+        "bytes": size,
+        "sha256": sha256,
+        "skipped": skipped,
+        "notes": notes,
+    }
 
 
 def _write_split(
@@ -107,16 +161,17 @@ def _write_split(
     config_digest: str,
     runner: Runner,
     progress: bool,
+    stop=None,
 ) -> SplitRun:
-    """Write every shard of `split` that is not done yet, in order; returns what was done."""
+    """Write every shard of `split` that is not done (or no longer intact), in order; returns what was done.
+
+    stop: a threading.Event; when set, the run stops before the next clip (raising Interrupted), the shard
+    being written is dropped and its .done.json is never written.
+    """
     state_dir = out / shards.PROGRESS_DIR / split.name
     (out / split.name).mkdir(parents=True, exist_ok=True)
     names = [shards.shard_name(split.name, k, len(ranges)) for k in range(len(ranges))]
-    todo = []
-    for k, name in enumerate(names):
-        done = shards.read_json(state_dir / (name + shards.DONE_SUFFIX))
-        if not shards.shard_done(out / split.name / name, done, config_digest):
-            todo.append(k)
+    todo, repaired = _shards_to_write(out, split.name, names, config_digest)
     tasks = [split.tasks[i] for k in todo for i in ranges[k]]
     results = runner.map(split.name, tasks)
     from tqdm import tqdm
@@ -128,33 +183,12 @@ def _write_split(
         for k in todo:
             done_path = state_dir / (names[k] + shards.DONE_SUFFIX)
             done_path.unlink(missing_ok=True)  # stale: this shard is being rewritten
-            writer = shards.ShardWriter(out / split.name / names[k])
-            state = {"num_records": 0, "num_inputs": len(ranges[k]), "total_frames": 0, "num_samples": 0}
-            skipped = []
-            try:
-                for i in ranges[k]:
-                    task, result = split.tasks[i], next(results)
-                    if result.record is None:
-                        skipped.append(
-                            sources.Skipped(split.name, task.source, result.kind, result.reason).to_json()
-                        )
-                    else:
-                        writer.write(result.record)
-                        state["total_frames"] += result.num_frames
-                        state["num_samples"] += result.num_samples
-                    bar.update(1)
-                size = writer.commit()
-            except BaseException:
-                writer.abort()
-                raise
-            state.update(
-                num_records=writer.num_records, bytes=size, config_digest=config_digest, skipped=skipped
-            )
-            shards.write_json(done_path, state)
+            state = _write_shard(out, split, names[k], ranges[k], results, stop, bar)
+            shards.write_json(done_path, {**state, "config_digest": config_digest})
     finally:
         bar.close()
         results.close()
-    return SplitRun(split.name, len(ranges), len(ranges) - len(todo), len(tasks))
+    return SplitRun(split.name, len(ranges), len(ranges) - len(todo), len(tasks), repaired)
 
 
 def _split_entry(out: Path, split: str) -> dict | None:
@@ -163,19 +197,34 @@ def _split_entry(out: Path, split: str) -> dict | None:
     state = shards.read_json(state_dir / "split.json")
     if state is None:
         return None
-    entry = {"num_clips": 0, "num_skipped": len(state["pre_skipped"]), "total_frames": 0, "num_samples": 0}
-    shard_list, skipped, num_bytes = [], list(state["pre_skipped"]), 0
+    entry = {
+        "num_clips": 0,
+        "num_skipped": len(state["pre_skipped"]),
+        "num_notes": 0,
+        "total_frames": 0,
+        "num_samples": 0,
+    }
+    shard_list, skipped, notes, num_bytes = [], list(state["pre_skipped"]), [], 0
     for name in state["config"]["shards"]:
         done = shards.read_json(state_dir / (name + shards.DONE_SUFFIX))
         path = out / split / name
         if done is None or not path.is_file() or path.stat().st_size != done["bytes"]:
             return None
-        shard_list.append({"path": f"{split}/{name}", "num_records": done["num_records"]})
+        shard_list.append(
+            {
+                "path": f"{split}/{name}",
+                "num_records": done["num_records"],
+                "bytes": done["bytes"],
+                "sha256": done["sha256"],
+            }
+        )
         entry["num_clips"] += done["num_records"]
         entry["num_skipped"] += len(done["skipped"])
+        entry["num_notes"] += len(done["notes"])
         entry["total_frames"] += done["total_frames"]
         entry["num_samples"] += done["num_samples"]
         skipped += done["skipped"]
+        notes += done["notes"]
         num_bytes += done["bytes"]
     entry["audio_hours"] = entry["num_samples"] / SAMPLE_RATE / 3600
     entry.update(
@@ -185,6 +234,7 @@ def _split_entry(out: Path, split: str) -> dict | None:
         command=state["command"],
         seconds=state.get("seconds"),
         skipped=skipped,
+        notes=notes,
     )
     return entry
 
@@ -199,13 +249,14 @@ def build_manifest(out: Path, global_cfg: dict, command: list[str], timing: dict
     """The manifest of every finished split in OUT, and the names of unfinished ones."""
     from bat_jax import __version__
 
-    splits, skipped, unfinished = {}, [], []
+    splits, skipped, notes, unfinished = {}, [], [], []
     for split in sorted(shards.progress_splits(out), key=_split_order):
         entry = _split_entry(out, split)
         if entry is None:
             unfinished.append(split)
             continue
         skipped += entry.pop("skipped")
+        notes += entry.pop("notes")
         splits[split] = entry
     manifest = {
         "format_version": records.FORMAT_VERSION,
@@ -225,6 +276,7 @@ def build_manifest(out: Path, global_cfg: dict, command: list[str], timing: dict
         "arrayrecord_options": shards.WRITER_OPTIONS,
         "splits": splits,
         "skipped": skipped,
+        "notes": notes,
         "command": command,
         "timing": timing,
     }

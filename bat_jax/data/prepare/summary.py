@@ -17,6 +17,19 @@ def _size(num_bytes: float) -> str:
     return ""
 
 
+def _by_kind(title: str, entries: list[dict]) -> list[str]:
+    """Lines counting skipped inputs or notes ({split, source, kind, reason}) by kind, one example each."""
+    if not entries:
+        return []
+    lines = [f"  {title} ({len(entries)}; every one is listed in manifest.json):"]
+    for kind, count in Counter(e["kind"] for e in entries).most_common():
+        example = next(e for e in entries if e["kind"] == kind)
+        lines.append(
+            f"    {kind}: {count}  (e.g. {example['source']}: {textwrap.shorten(example['reason'], 90)})"
+        )
+    return lines
+
+
 def format_summary(result: PrepareResult, out: Path) -> str:
     m = result.manifest
     clip = m["clip"]
@@ -37,15 +50,11 @@ def format_summary(result: PrepareResult, out: Path) -> str:
             f"  {name:<12} {s['num_clips']:>8} {s['num_skipped']:>8} {s['total_frames']:>12} "
             f"{s['audio_hours']:>8.3f} {len(s['shards']):>7} {_size(s['bytes']):>10}  {run}"
         )
-    run_skips = [s for s in m["skipped"] if s["split"] in computed]
-    if run_skips:
-        lines.append(f"  skipped inputs ({len(run_skips)}; every one is listed in manifest.json):")
-        by_kind = Counter(s["kind"] for s in run_skips)
-        for kind, count in by_kind.most_common():
-            example = next(s for s in run_skips if s["kind"] == kind)
-            lines.append(
-                f"    {kind}: {count}  (e.g. {example['source']}: {textwrap.shorten(example['reason'], 90)})"
-            )
+    for r in result.runs:
+        for path, reason in r.shards_repaired:
+            lines.append(f"  shard {path} was bad ({reason}): computed again")
+    lines += _by_kind("skipped inputs", [s for s in m["skipped"] if s["split"] in computed])
+    lines += _by_kind("kept with notes", [s for s in m.get("notes", []) if s["split"] in computed])
     for name in result.unfinished:
         lines.append(f"  split {name!r} is unfinished (an interrupted run): rerun its command to finish it")
     t = m["timing"]

@@ -9,6 +9,7 @@ import contextlib
 import math
 import multiprocessing
 import os
+import signal
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -36,13 +37,14 @@ def default_workers(num_clips: int | None = None) -> int:
 
 @dataclass(frozen=True)
 class ClipResult:
-    """A record to write (`record` set) or a skip (`kind` and `reason` set)."""
+    """A record to write (`record` set, with the loader's `notes`) or a skip (`kind` and `reason` set)."""
 
     record: bytes | None = None
     num_frames: int = 0
     num_samples: int = 0
     kind: str = ""
     reason: str = ""
+    notes: tuple[tuple[str, str], ...] = ()  # (kind, reason) of a kept clip worth reporting (e.g. truncated)
 
 
 def _load_error_kind(message: str) -> str:
@@ -56,12 +58,30 @@ def _load_error_kind(message: str) -> str:
     return "unreadable audio"
 
 
+def _notes(loaded: tuple) -> tuple[tuple[str, str], ...]:
+    """The notes of a loader's (wave, labels) or (wave, labels, notes) result, checked."""
+    if len(loaded) not in (2, 3):
+        raise TypeError(
+            f"a loader returns (wave, labels) or (wave, labels, notes), found {len(loaded)} values"
+        )
+    notes = tuple(tuple(n) for n in loaded[2]) if len(loaded) == 3 else ()
+    if not all(len(n) == 2 and all(isinstance(x, str) for x in n) for n in notes):
+        raise TypeError(f"a loader's notes are (kind, reason) string pairs, found {notes!r}")
+    return notes
+
+
 def process_clip(task: ClipTask, loader, frontend: Frontend, num_classes: int) -> ClipResult:
-    """Load, cut, compute and encode one clip; any failure becomes a skip with its reason."""
+    """Load, cut, compute and encode one clip; any failure becomes a skip with its reason.
+
+    The loader returns (wave, labels) or (wave, labels, notes): notes are (kind, reason) string pairs about
+    a clip that is kept (e.g. ("truncated", "read 8000 frames, header says 16000")); they go with the record.
+    """
     from bat_jax.audio.io import AudioLoadError
 
     try:
-        wave, labels = loader(task)
+        loaded = loader(task)
+        notes = _notes(loaded)
+        wave, labels = loaded[0], loaded[1]
     except AudioLoadError as e:
         return ClipResult(kind=_load_error_kind(str(e)), reason=str(e))
     except Exception as e:  # noqa: BLE001 - an unusable input is skipped, not fatal
@@ -86,7 +106,7 @@ def process_clip(task: ClipTask, loader, frontend: Frontend, num_classes: int) -
     except Exception as e:  # noqa: BLE001
         return ClipResult(kind="front-end error", reason=f"{type(e).__name__}: {e}")
     record = records.encode(records.Clip(features, frames, task.clip_id, tuple(labels)))
-    return ClipResult(record, frames, int(wave.shape[0]))
+    return ClipResult(record, frames, int(wave.shape[0]), notes=notes)
 
 
 _WORKER: dict[str, Any] = {}
@@ -96,6 +116,9 @@ def _init_worker(loaders: dict, frontend: Frontend, num_classes: int, in_process
     import jax
 
     if not in_process:
+        # Ctrl-C reaches the whole process group: the main process alone decides when to stop (between
+        # clips), then shuts the pool down; a worker killed mid-job would only break the pool.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         jax.config.update("jax_platforms", "cpu")
     _WORKER.update(loaders=loaders, frontend=frontend, num_classes=num_classes)
 
