@@ -1,7 +1,7 @@
 """One full BAT pretraining step: student forward + backward on V masked views per clip, EMA-teacher forward,
 ViT decoder, AdamW update and EMA update, jitted (state donated), warm-up excluded.
 
-    python -m benchmarks.step                                  # tiny, then BAT-B (1 clip × 16 views), CPU
+    python -m benchmarks.step                 # tiny, then BAT-B (1 clip × bat_base's 16 views), CPU
     python -m benchmarks.step --size base --batch 48 --views 16 --dtype bfloat16      # a GPU / TPU
 
 Reports compile time (AOT lower + compile; the jitted step reuses the executable), seconds per step (median
@@ -32,17 +32,18 @@ import numpy as np
 from bat_jax.models import bat_ssl
 from bat_jax.models.encoder import param_count
 from bat_jax.models.masking import num_kept
-from bat_jax.train.step import init_train_state, jit_train_step, make_optimizer
+from bat_jax.train import config as train_config
+from bat_jax.train.step import init_train_state, jit_train_step
 
-SIZES = {"tiny": bat_ssl.ssl_tiny, "base": bat_ssl.ssl_bat_base}
+SIZES = {"tiny": "tiny", "base": "bat_base"}  # --size → configs/pretrain/<name>.py
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=["tiny", "base", "both"], default="both", help="both: tiny, then base")
     p.add_argument("--batch", type=int, default=1, help="clips per step")
-    p.add_argument("--views", type=int, default=16, help="masked views per clip")
-    p.add_argument("--frames", type=int, default=1024)
+    p.add_argument("--views", type=int, default=None, help="masked views per clip (default: bat_base's)")
+    p.add_argument("--frames", type=int, default=None, help="frames per clip (default: bat_base's)")
     p.add_argument("--iters", type=int, default=2, help="timed steps after one warm-up step")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="computation dtype")
     p.add_argument("--remat", default="none", help="none, full or a jax.checkpoint_policies name")
@@ -51,7 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_config(size: str, args: argparse.Namespace) -> bat_ssl.SSLConfig:
-    cfg = SIZES[size](num_views=args.views, frames=args.frames)
+    """The config's SSLConfig with the benchmark's dtype and remat policy, and the views and frames asked
+    for (by default bat_base's for both sizes, so that tiny and BAT-B run the same masking workload)."""
+    paper = train_config.ssl_preset("bat_base")
+    views = paper.num_views if args.views is None else args.views
+    frames = paper.frames if args.frames is None else args.frames
+    cfg = train_config.ssl_preset(SIZES[size], num_views=views, frames=frames)
     encoder = cfg.encoder.replace(dtype=args.dtype, param_dtype="float32", remat_policy=args.remat)
     return cfg.replace(encoder=encoder)
 
@@ -111,7 +117,7 @@ def matmul_flops_per_s(side: int, dtype: str, iters: int = 3) -> float:
 
 def bench(size: str, args: argparse.Namespace, peak: float | None) -> dict:
     cfg = make_config(size, args)
-    tx = make_optimizer(peak_lr=5e-4, warmup_steps=10, total_steps=1000)
+    tx = train_config.optimizer(train_config.pretrain_config(SIZES[size]))  # the config's AdamW + schedule
     t0 = time.perf_counter()
     state = init_train_state(cfg, tx, jax.random.key(0))
     jax.block_until_ready(state)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bat_jax.convert.mapping import import_reference_state
-from bat_jax.models.config import EncoderConfig, bat_base, tiny
+from bat_jax.models.config import EncoderConfig
 from bat_jax.models.decoder import (
     DecoderConfig,
     VitDecoder,
@@ -41,7 +41,7 @@ from bat_jax.models.decoder import (
 from bat_jax.models.encoder import BatEncoder
 from bat_jax.models.encoder import init_params as init_encoder_params
 from bat_jax.models.layers import Mlp
-from bat_jax.models.masking import inverse_block_masks
+from bat_jax.models.masking import draw_batch_masks
 from bat_jax.models.ssl import pred_var, ssl_losses, ssl_targets, target_var
 
 Array = jax.Array
@@ -53,30 +53,32 @@ TARGET_FFN = "ffn"  # MLP outputs before the residual add (data2vec 2.0 / EAT)
 TARGETS = (TARGET_EOB, TARGET_FFN)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SSLConfig:
-    """Every number of the pretraining objective. Hashable: a static argument of the jitted step."""
+    """Every number of the pretraining objective, all required: the values live in the config files
+    (configs/pretrain/bat_base.py is the paper's recipe; ``bat_jax.train.config.ssl_config`` builds this).
+    Hashable: a static argument of the jitted step."""
 
-    encoder: EncoderConfig = dataclasses.field(default_factory=bat_base)
-    frames: int = 1024  # spectrogram frames per clip (T); the decoder has one position per patch
-    num_views: int = 16  # masked views per clip (V)
-    mask_ratio: float = 0.8
-    mask_block: int = 5  # inverse block masking: block side in patches
-    mask_adjust: float = 0.07  # extra keep ratio when drawing block centres
-    decoder_depth: int = 6
-    decoder_heads: int = 12
-    decoder_mlp_ratio: float = 4.0
-    decoder_dim: int | None = None  # None: the encoder width
+    encoder: EncoderConfig
+    frames: int  # spectrogram frames per clip (T): the config's top-level `frames`, the loader's too
+    num_views: int  # masked views per clip (V)
+    mask_ratio: float
+    mask_block: int  # inverse block masking: block side in patches
+    mask_adjust: float  # extra keep ratio when drawing block centres
+    decoder_depth: int
+    decoder_heads: int
+    decoder_mlp_ratio: float
+    global_weight: float
+    local_weight: float
+    target: str  # "eob" (BAT) or "ffn" (data2vec 2.0 / EAT)
+    target_eps: float  # eps inside both target norms
+    instance_norm_targets: bool
+    layer_norm_targets: bool
+    ema_start: float  # EMA decay at step 0 ...
+    ema_end: float  # ... ramped linearly to this one ...
+    ema_warmup_steps: int  # ... over this many updates
+    decoder_dim: int | None = None  # None: the decoder runs at the encoder width
     decoder_remat_policy: str | None = None  # None: the encoder's remat policy
-    global_weight: float = 1.0
-    local_weight: float = 1.0
-    target: str = TARGET_EOB  # "eob" (BAT) or "ffn" (data2vec 2.0 / EAT)
-    target_eps: float = 1e-6
-    instance_norm_targets: bool = True
-    layer_norm_targets: bool = True
-    ema_start: float = 0.9998
-    ema_end: float = 0.99999
-    ema_warmup_steps: int = 100_000
 
     def __post_init__(self):
         problems = []
@@ -124,19 +126,6 @@ class SSLConfig:
 
     def replace(self, **changes: Any) -> SSLConfig:
         return dataclasses.replace(self, **changes)
-
-
-def ssl_bat_base(**overrides: Any) -> SSLConfig:
-    """BAT pretraining: ViT-B/16 gated encoder, 6-block ViT decoder (12 heads, MLP ratio 4), 16 views."""
-    return SSLConfig(**{"encoder": bat_base(), **overrides})
-
-
-def ssl_tiny(**overrides: Any) -> SSLConfig:
-    """The size of the reference SSL fixture: tiny encoder (64 wide, 3 blocks), 2 decoder blocks of 4 heads,
-    4 views per clip."""
-    return SSLConfig(
-        **{"encoder": tiny(), "decoder_depth": 2, "decoder_heads": 4, "num_views": 4, **overrides}
-    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -300,8 +289,9 @@ def bat_ssl_loss_with_masks(
 
 
 def draw_masks(key: Array, batch_size: int, config: SSLConfig) -> tuple[Array, Array]:
-    """Inverse block masks for ``batch_size`` clips × V views: mask [B·V, N] bool, ids_keep [B·V, K] int32."""
-    out = inverse_block_masks(
+    """``masking.draw_batch_masks`` with the config's numbers: ``batch_size`` clips × V views, mask
+    [B·V, N] bool, ids_keep [B·V, K] int32 (rows clip-major)."""
+    out = draw_batch_masks(
         key,
         batch_size,
         config.num_views,

@@ -13,9 +13,12 @@ Step 3 has a static shape here: every patch gets the score ``in_block · 2³⁰ 
 a uniform random choice inside each group: the same distribution as the reference's sequential correction.
 
 Shapes are static (N, K and the number of centres are Python integers), so a jitted step never recompiles
-for a new key. Usage::
+for a new key. Three levels, every number an argument (the recipe's are ``ssl.mask_*`` in
+configs/pretrain/bat_base.py, passed on by ``bat_jax.models.bat_ssl``)::
 
-    mask, ids_keep = inverse_block_masks(key, batch_size=48, num_views=16)   # [B·V, 512] bool, [B·V, 102]
+    draw_view_mask(key, grid, mask_ratio, block, adjust)                   # one view:  [N], [K]
+    draw_clip_masks(key, V, grid, mask_ratio, block, adjust)               # one clip:  [V, N], [V, K]
+    draw_batch_masks(key, B, V, grid, mask_ratio, block, adjust)           # a batch:   [B·V, N], [B·V, K]
 """
 
 from __future__ import annotations
@@ -39,12 +42,12 @@ class BlockMask(NamedTuple):
 
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
-    """K = int(N · (1 − mask_ratio)): the exact number of patches every view keeps (102 for N = 512, 0.8)."""
+    """K = int(N · (1 − mask_ratio)): the exact number of patches every view keeps."""
     return int(num_patches * (1 - mask_ratio))
 
 
 def num_centres(num_patches: int, mask_ratio: float, block: int, adjust: float) -> int:
-    """Number of block centres drawn per view: int(N · (1 − mask_ratio + adjust) / block²) (5 for BAT)."""
+    """Number of block centres drawn per view: int(N · (1 − mask_ratio + adjust) / block²)."""
     return int(num_patches * ((1 - mask_ratio) + adjust) / (block**2))
 
 
@@ -89,12 +92,8 @@ def keep_exactly(preferred: Array, noise: Array, k: int) -> Array:
     return jnp.sort(ids).astype(jnp.int32)
 
 
-def sample_inverse_block_mask(
-    key: Array,
-    grid: tuple[int, int] = (64, 8),
-    mask_ratio: float = 0.8,
-    block: int = 5,
-    adjust: float = 0.07,
+def draw_view_mask(
+    key: Array, grid: tuple[int, int], mask_ratio: float, block: int, adjust: float
 ) -> BlockMask:
     """One view: ``mask`` bool [N], sorted ``ids_keep`` int32 [K]; N = T·F, K = int(N · (1 − mask_ratio))."""
     _check(grid, mask_ratio, block)
@@ -109,30 +108,25 @@ def sample_inverse_block_mask(
     return BlockMask(mask, ids_keep)
 
 
-def inverse_block_mask(
-    key: Array,
-    num_views: int,
-    grid: tuple[int, int] = (64, 8),
-    mask_ratio: float = 0.8,
-    block: int = 5,
-    adjust: float = 0.07,
+def draw_clip_masks(
+    key: Array, num_views: int, grid: tuple[int, int], mask_ratio: float, block: int, adjust: float
 ) -> BlockMask:
-    """``num_views`` independent views: ``mask`` bool [V, N], ``ids_keep`` int32 [V, K]."""
+    """``num_views`` independent views of one clip: ``mask`` bool [V, N], ``ids_keep`` int32 [V, K]."""
     keys = jax.random.split(key, num_views)  # [V]
-    return jax.vmap(lambda k: sample_inverse_block_mask(k, grid, mask_ratio, block, adjust))(keys)
+    return jax.vmap(lambda k: draw_view_mask(k, grid, mask_ratio, block, adjust))(keys)
 
 
-def inverse_block_masks(
+def draw_batch_masks(
     key: Array,
     batch_size: int,
     num_views: int,
-    grid: tuple[int, int] = (64, 8),
-    mask_ratio: float = 0.8,
-    block: int = 5,
-    adjust: float = 0.07,
+    grid: tuple[int, int],
+    mask_ratio: float,
+    block: int,
+    adjust: float,
 ) -> BlockMask:
     """Masks for B clips × V views, flattened clip-major as the reference (``repeat_interleave``): row
     ``b · V + v`` is view v of clip b. ``mask`` bool [B·V, N], ``ids_keep`` int32 [B·V, K]."""
     keys = jax.random.split(key, batch_size)  # [B]
-    out = jax.vmap(lambda k: inverse_block_mask(k, num_views, grid, mask_ratio, block, adjust))(keys)
+    out = jax.vmap(lambda k: draw_clip_masks(k, num_views, grid, mask_ratio, block, adjust))(keys)
     return BlockMask(*(x.reshape(batch_size * num_views, *x.shape[2:]) for x in out))

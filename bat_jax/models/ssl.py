@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 Array = jax.Array
 PyTree = Any
@@ -31,17 +32,12 @@ def _normalize(x: Array, axis: int, eps: float) -> Array:
     return (x - mean) * jax.lax.rsqrt(var + eps)
 
 
-def ssl_targets(
-    layer_outputs: Array,
-    eps: float = 1e-6,
-    instance_norm: bool = True,
-    layer_norm: bool = True,
-) -> Array:
+def ssl_targets(layer_outputs: Array, eps: float, *, instance_norm: bool, layer_norm: bool) -> Array:
     """Teacher targets [B, N, D] from per-layer patch tokens ``layer_outputs`` [L, B, N, D] (CLS excluded).
 
     Each layer is instance-normalised over the tokens (per clip and channel: mean and biased variance over
     N), the layers are averaged, and the average is normalised over the features (a layer norm without
-    affine parameters). Both norms put ``eps`` inside the square root; the reference uses 1e-6 for both.
+    affine parameters). Both norms put ``eps`` inside the square root (the reference uses one eps for both).
 
     The function takes whatever per-layer outputs it is given: BAT feeds each block's complete output (EOB);
     the EAT / data2vec 2.0 variant feeds each block's FFN output before the residual add. The choice is the
@@ -97,10 +93,10 @@ def ssl_losses(
     targets: Array,
     mask: Array,
     num_views: int,
-    global_weight: float = 1.0,
-    local_weight: float = 1.0,
+    global_weight: float,
+    local_weight: float,
 ) -> dict[str, Array]:
-    """BAT's objective: ``loss = global_weight · global_loss + local_weight · local_loss`` (both 1 in BAT;
+    """BAT's objective: ``loss = global_weight · global_loss + local_weight · local_loss`` (equal in BAT;
     data2vec 2.0 / EAT scale the global term instead). Shapes: ``pred`` [B·V, N, D] decoder output,
     ``student_cls`` [B·V, D], ``targets`` [B, N, D], ``mask`` [B·V, N] (True = masked)."""
     b, n, d = targets.shape
@@ -148,12 +144,11 @@ def pred_var(pred: Array, mask: Array) -> Array:
 # EMA teacher
 
 
-def ema_decay(
-    step: Array | int, start: float = 0.9998, end: float = 0.99999, warmup_steps: int = 100_000
-) -> Array:
+def ema_decay(step: Array | int, start: float, end: float, warmup_steps: int) -> Array:
     """EMA decay for the update that follows ``step`` completed updates (0 for the first): a linear ramp
     from ``start`` (step 0) to ``end`` (step ``warmup_steps − 1``), then ``end``, as the reference's
-    ``np.linspace(start, end, warmup_steps)`` schedule. Float32, jittable on a traced ``step``."""
+    ``np.linspace(start, end, warmup_steps)`` schedule. Float32, jittable on a traced ``step``. The recipe's
+    values are ``ssl.ema_*`` in configs/pretrain/bat_base.py."""
     if warmup_steps < 0:
         raise ValueError(f"ema_decay ({_WHERE}): expected warmup_steps >= 0, found {warmup_steps}")
     step = jnp.asarray(step)
@@ -163,15 +158,15 @@ def ema_decay(
 
 
 def ema_update(teacher_params: PyTree, student_params: PyTree, decay: Array | float) -> PyTree:
-    """decay · teacher + (1 − decay) · student, leaf by leaf (same as ``optax.incremental_update`` with
-    step_size = 1 − decay); results keep the teacher's dtypes. Non-float leaves (counters) take the
-    student's value, as the reference copies ``num_batches_tracked``."""
+    """decay · teacher + (1 − decay) · student, leaf by leaf: ``optax.incremental_update`` with
+    step_size = 1 − decay, computed in float32 at least and cast back to the teacher's dtypes. Non-float
+    leaves (counters) take the student's value, as the reference copies ``num_batches_tracked``."""
 
     def update(t: Array, s: Array) -> Array:
         if not jnp.issubdtype(jnp.result_type(t), jnp.inexact):
             return s
         dtype = jnp.promote_types(jnp.result_type(t), jnp.float32)  # update in float32 at least
-        new = decay * jnp.asarray(t, dtype) + (1.0 - decay) * jnp.asarray(s, dtype)
+        new = optax.incremental_update(jnp.asarray(s, dtype), jnp.asarray(t, dtype), 1.0 - decay)
         return new.astype(jnp.result_type(t))
 
     return jax.tree.map(update, teacher_params, student_params)

@@ -1,6 +1,8 @@
 """One BAT pretraining step, pure and jittable: gradients of the SSL loss, AdamW, EMA teacher update.
 
-    tx = make_optimizer(peak_lr=5e-4, warmup_steps=53_000, total_steps=400_000)
+    from bat_jax.train.config import load, optimizer, ssl_config     # the numbers live in configs/
+    cfg = load("configs/pretrain/bat_base.py")
+    config, tx = ssl_config(cfg), optimizer(cfg)     # SSLConfig, make_optimizer(**cfg.optim)
     state = init_train_state(config, tx, jax.random.key(0))
     step = jit_train_step(config, tx)                # jitted once, the state donated
     state, metrics = step(state, spec, jax.random.fold_in(key, i))
@@ -41,25 +43,33 @@ class TrainState:
 
 
 def make_optimizer(
-    peak_lr: float = 5e-4,
-    warmup_steps: int = 53_000,
-    total_steps: int = 400_000,
-    end_lr: float = 1e-6,
-    b1: float = 0.9,
-    b2: float = 0.95,
-    weight_decay: float = 0.05,
+    *,
+    peak_lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    end_lr: float,
+    b1: float,
+    b2: float,
+    weight_decay: float,
 ) -> optax.GradientTransformation:
-    """AdamW (β = (0.9, 0.95), weight decay 0.05 on every student parameter, as the reference SSL script)
+    """AdamW (betas ``b1``, ``b2``; ``weight_decay`` on every student parameter, as the reference SSL script)
     with a linear warm-up from ``end_lr`` to ``peak_lr`` over ``warmup_steps``, then a cosine decay to
     ``end_lr`` at ``total_steps``. (The reference's warm-up starts at 0 and floors the rate at its minimum,
-    so its first update also uses ``end_lr``.)"""
+    so its first update also uses ``end_lr``.) The recipe's values: ``optim`` in
+    configs/pretrain/bat_base.py."""
+    schedule = lr_schedule(peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps, end_lr=end_lr)
+    return optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
+
+
+def lr_schedule(*, peak_lr: float, warmup_steps: int, total_steps: int, end_lr: float) -> optax.Schedule:
+    """step → learning rate: linear from ``end_lr`` to ``peak_lr`` over ``warmup_steps``, cosine to ``end_lr``
+    at ``total_steps``, then ``end_lr``."""
     if not 0 <= warmup_steps < total_steps:
         raise ValueError(
             f"make_optimizer (bat_jax/train/step.py): expected 0 <= warmup_steps < total_steps, found "
             f"warmup_steps={warmup_steps}, total_steps={total_steps}"
         )
-    schedule = optax.warmup_cosine_decay_schedule(end_lr, peak_lr, warmup_steps, total_steps, end_lr)
-    return optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
+    return optax.warmup_cosine_decay_schedule(end_lr, peak_lr, warmup_steps, total_steps, end_lr)
 
 
 def create_train_state(params: PyTree, tx: optax.GradientTransformation) -> TrainState:

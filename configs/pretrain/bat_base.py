@@ -1,7 +1,11 @@
-"""BAT ViT-B/16 pretraining on AudioSet-2M: the paper's recipe (PAPER.md §2.4).
+"""BAT ViT-B/16 pretraining on AudioSet-2M: the paper's recipe (PAPER.md §2.4), the one home of its numbers.
 
-Use with ml_collections config flags, e.g. `--config=configs/pretrain/bat_base.py --config.train.steps=100`,
-or `bat_jax.train.config.load("configs/pretrain/bat_base.py")`.
+The code has no recipe defaults: bat_jax.train.config builds SSLConfig (`ssl_config`), the optimizer
+(`optimizer`) and the loader's arguments (`loader_kwargs`) from this file; bat_small.py, eat_style.py and
+tiny.py start from get_config() here and change only what differs.
+
+Use with ml_collections config flags, e.g. `--config=configs/pretrain/bat_base.py
+--config.data.global_batch_size=96`, or `bat_jax.train.config.load("configs/pretrain/bat_base.py")`.
 """
 
 import ml_collections
@@ -10,6 +14,11 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
+    # Spectrogram frames per clip, the one key for this number: the loader crops / zero-pads every clip to
+    # it (make_pretrain_loader's target_frames) and the SSL objective's patch grid is built from it
+    # (SSLConfig.frames: 1024 / 16 = 64 time patches x 8 frequency patches = 512 patches).
+    c.frames = 1024  # 10.24 s at hop 160 (shards from `bat-jax prepare --clip-seconds 10.23`)
+
     # Encoder: any bat_jax.models.config.EncoderConfig field; preset first, then the overrides.
     c.encoder = ml_collections.ConfigDict()
     c.encoder.preset = "bat_base"  # 768 wide, 12 blocks, 12 heads, gated attention, post-norm
@@ -17,7 +26,6 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Self-supervised objective: bat_jax.models.bat_ssl.SSLConfig fields.
     c.ssl = ml_collections.ConfigDict()
-    c.ssl.frames = 1024  # 10.24 s at hop 160
     c.ssl.num_views = 16
     c.ssl.mask_ratio = 0.8  # 102 of 512 patches kept per view
     c.ssl.mask_block = 5
@@ -28,31 +36,32 @@ def get_config() -> ml_collections.ConfigDict:
     c.ssl.global_weight = 1.0
     c.ssl.local_weight = 1.0
     c.ssl.target = "eob"  # end-of-block teacher outputs (BAT); "ffn" for data2vec 2.0 / EAT
-    c.ssl.ema_start = 0.9998
-    c.ssl.ema_end = 0.99999
-    c.ssl.ema_warmup_steps = 100_000
+    c.ssl.target_eps = 1e-6  # inside both target norms
+    c.ssl.instance_norm_targets = True  # each teacher layer over its tokens
+    c.ssl.layer_norm_targets = True  # the layer average over its features
+    c.ssl.ema_start = 0.9998  # EMA decay ramped linearly ...
+    c.ssl.ema_end = 0.99999  # ... to this ...
+    c.ssl.ema_warmup_steps = 100_000  # ... over the first 100k updates, then constant
 
     # AdamW + linear warm-up + cosine (bat_jax.train.step.make_optimizer arguments).
     c.optim = ml_collections.ConfigDict()
     c.optim.peak_lr = 5e-4
     c.optim.warmup_steps = 53_000  # configs/ssl.yaml of the reference; the paper text says 50k
-    c.optim.total_steps = 400_000
+    c.optim.total_steps = 400_000  # the length of the run too: the schedule ends there
     c.optim.end_lr = 1e-6
     c.optim.b1 = 0.9
     c.optim.b2 = 0.95
     c.optim.weight_decay = 0.05
 
-    # Input: shards written by `bat-jax prepare --clip-seconds 10.23` (1024 frames).
+    # Input: shards written by `bat-jax prepare` (the clip length: c.frames above).
     c.data = ml_collections.ConfigDict()
     c.data.root = "data/as2m"
     c.data.split = "train"
     c.data.global_batch_size = 48  # the paper's 4 GPUs x 12 clips, x 16 views
-    c.data.target_frames = 1024
     c.data.worker_count = 8
     c.data.seed = 0
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 400_000
     c.train.seed = 0
     c.train.log_every = 100
     c.train.checkpoint_every = 5_000

@@ -1,4 +1,7 @@
-"""A tiny BAT for the demo, the tests and a laptop CPU: 64 wide, 3 blocks, 2 decoder blocks, 4 views."""
+"""A tiny BAT for the demo, the tests and a laptop CPU: 64 wide, 3 blocks, 2 decoder blocks, 4 views.
+
+The SSL model is the size of the reference's SSL test fixture (tests/golden/ssl_case); the rest as bat_base.
+"""
 
 from pathlib import Path
 
@@ -18,7 +21,6 @@ def get_config():
     c.data.root = "data/demo"
     c.data.global_batch_size = 8
     c.data.worker_count = 0
-    c.train.steps = 200
     c.train.log_every = 10
     c.train.checkpoint_every = 100
     return c

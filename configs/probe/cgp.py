@@ -24,6 +24,7 @@ def get_config(task: str = "as20k") -> ml_collections.ConfigDict:
     frames, batch, steps, warmup, weight_decay, loss, dropout, eval_every = TASKS[task]
     c = ml_collections.ConfigDict()
     c.task = task
+    c.frames = frames  # spectrogram frames per clip: the loader's target_frames and the encoder's input
     c.probe = ml_collections.ConfigDict()
     c.probe.name = "cgp_frame" if task == "dcase" else "cgp"  # frame-wise CGP for sound event detection
     c.probe.num_prototypes = 10_000
@@ -38,7 +39,6 @@ def get_config(task: str = "as20k") -> ml_collections.ConfigDict:
     c.optim.total_steps = steps
     c.loss = loss  # asymmetric: gamma_neg 1, gamma_pos 0, clip 0
     c.data = ml_collections.ConfigDict()
-    c.data.target_frames = frames
     c.data.global_batch_size = batch
     c.data.eval_every = eval_every
     c.data.frontend = ml_collections.ConfigDict(

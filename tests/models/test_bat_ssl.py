@@ -6,6 +6,8 @@ ssl_student.safetensors} (copied from the golden ssl.npz / ssl_student.safetenso
 tests/golden/ssl_masks.npz; reference outputs: tests/golden/ssl_loss_case.npz (same golden file).
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,10 @@ from bat_jax.models.encoder import BatEncoder
 from bat_jax.models.layers import GatedAttention, Mlp, layer_norm
 from bat_jax.models.ssl import ema_decay
 from bat_jax.train import step as train
+from bat_jax.train.config import pretrain_config, ssl_preset
+
+ssl_tiny = functools.partial(ssl_preset, "tiny")  # configs/pretrain/tiny.py: the reference fixture's size
+TINY_OPTIM = dict(pretrain_config("tiny").optim)
 
 MAX_REL_ERR = 1e-4  # issue tolerance: ‖out − ref‖ / ‖ref‖
 
@@ -43,14 +49,14 @@ def case(golden_dir):
 
 @jax.jit
 def _reference_pass(params, teacher, spec, mask, ids_keep):
-    cfg = bat_ssl.ssl_tiny()
+    cfg = ssl_tiny()
     _, metrics = bat_ssl.bat_ssl_loss_with_masks(params, teacher, spec, mask, ids_keep, cfg)
     cls, pred = bat_ssl.student_forward(params, spec, ids_keep, cfg)
     return metrics, cls, pred, bat_ssl.teacher_targets(teacher, spec, cfg)
 
 
 def test_student_decoder_teacher_and_losses_match_reference(case):
-    cfg = bat_ssl.ssl_tiny()
+    cfg = ssl_tiny()
     assert int(case["num_views"]) == cfg.num_views
     params = bat_ssl.params_from_reference(case["state"], cfg, "ssl_student.safetensors")
     metrics, cls, pred, targets = _reference_pass(
@@ -72,7 +78,7 @@ def test_student_decoder_teacher_and_losses_match_reference(case):
 
 
 def test_params_from_reference_is_strict(case):
-    cfg = bat_ssl.ssl_tiny()
+    cfg = ssl_tiny()
     state = dict(case["state"])
     missing = {k: v for k, v in state.items() if k != "decoder.mask_token"}
     with pytest.raises(ValueError, match="mask_token"):
@@ -90,9 +96,7 @@ def test_params_from_reference_is_strict(case):
 
 # 64 frames → a 4 × 8 patch grid (32 patches, 6 kept); a decoder narrower than the encoder (in_proj); a
 # fast EMA so that one update moves the teacher visibly.
-SMALL = bat_ssl.ssl_tiny(
-    frames=64, num_views=2, decoder_dim=32, ema_start=0.5, ema_end=0.9, ema_warmup_steps=10
-)
+SMALL = ssl_tiny(frames=64, num_views=2, decoder_dim=32, ema_start=0.5, ema_end=0.9, ema_warmup_steps=10)
 
 
 def _spec(key, batch=2, cfg=SMALL):
@@ -118,7 +122,7 @@ def small_params():
 
 
 def test_init_params_tree_matches_the_reference_layout(case):
-    cfg = bat_ssl.ssl_tiny()
+    cfg = ssl_tiny()
     init = nn.meta.unbox(bat_ssl.abstract_params(cfg))
     ref = bat_ssl.params_from_reference(case["state"], cfg, "ssl_student.safetensors")
     assert jax.tree.structure(init) == jax.tree.structure(ref)
@@ -170,7 +174,7 @@ def test_random_loss_and_gradients_are_finite_and_nonzero(small_params):
 
 
 def test_train_step_updates_student_and_ema_teacher_and_compiles_once(small_params):
-    tx = train.make_optimizer(peak_lr=1e-3, warmup_steps=0, total_steps=100)
+    tx = train.make_optimizer(**{**TINY_OPTIM, "peak_lr": 1e-3, "warmup_steps": 0, "total_steps": 100})
     state = train.create_train_state(small_params, tx)
     spec = _spec(jax.random.key(1))
     key = jax.random.key(2)
@@ -202,12 +206,12 @@ def test_train_step_updates_student_and_ema_teacher_and_compiles_once(small_para
 
 def test_config_errors_name_the_problem():
     with pytest.raises(ValueError, match="target"):
-        bat_ssl.ssl_tiny(target="mlp")
+        ssl_tiny(target="mlp")
     with pytest.raises(ValueError, match="frames"):
-        bat_ssl.ssl_tiny(frames=100)
+        ssl_tiny(frames=100)
     with pytest.raises(ValueError, match="divisible"):
-        bat_ssl.ssl_tiny(decoder_heads=5)
+        ssl_tiny(decoder_heads=5)
     with pytest.raises(ValueError, match=r"spec \[batch, 64, 128\]"):
         bat_ssl.check_batch(jnp.zeros((2, 32, 128)), SMALL)
     with pytest.raises(ValueError, match="warmup_steps"):
-        train.make_optimizer(warmup_steps=10, total_steps=10)
+        train.make_optimizer(**{**TINY_OPTIM, "warmup_steps": 10, "total_steps": 10})

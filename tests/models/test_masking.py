@@ -2,6 +2,8 @@
 drawn by the reference implementation (tests/golden/ssl_masks.npz, copied from the golden ssl.npz;
 ``reference_masks_512`` is stored bit-packed along the token axis, 1 = masked)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,14 +12,18 @@ from scipy import ndimage
 
 from bat_jax.models.masking import (
     block_cover,
-    inverse_block_mask,
-    inverse_block_masks,
+    draw_batch_masks,
+    draw_clip_masks,
+    draw_view_mask,
     keep_exactly,
     num_centres,
     num_kept,
-    sample_inverse_block_mask,
 )
+from bat_jax.train.config import ssl_preset
 
+# The recipe's masking (configs/pretrain/bat_base.py), the settings the reference masks were drawn with.
+BAT = ssl_preset("bat_base")
+MASKING = {"grid": BAT.grid, "mask_ratio": BAT.mask_ratio, "block": BAT.mask_block, "adjust": BAT.mask_adjust}
 GRID = (64, 8)  # (time patches, freq patches), token index t * 8 + f
 N = GRID[0] * GRID[1]
 K = 102
@@ -31,7 +37,7 @@ def golden(golden_dir):
 
 
 # One compiled masking function shared by the tests (compiling is the slow part on a CPU).
-_masks = jax.jit(inverse_block_masks, static_argnames=("batch_size", "num_views"))
+_masks = jax.jit(functools.partial(draw_batch_masks, **MASKING), static_argnames=("batch_size", "num_views"))
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +64,7 @@ def mean_region_size(kept: np.ndarray) -> float:
 
 
 def test_counts_and_arithmetic():
+    assert BAT.grid == GRID
     assert num_kept(N, 0.8) == K
     assert num_centres(N, 0.8, 5, 0.07) == 5
 
@@ -145,20 +152,20 @@ def test_batched_layout(ours):
     mask, ids_keep = ours
     b, v = 5, 11
     view_key = jax.random.split(jax.random.split(jax.random.key(0), 64)[b], 16)[v]
-    one_mask, one_ids = jax.jit(sample_inverse_block_mask)(view_key)
+    one_mask, one_ids = jax.jit(functools.partial(draw_view_mask, **MASKING))(view_key)
     np.testing.assert_array_equal(mask[b * 16 + v], np.asarray(one_mask))
     np.testing.assert_array_equal(ids_keep[b * 16 + v], np.asarray(one_ids))
 
 
 def test_other_grid_and_ratio():
-    fn = jax.jit(inverse_block_mask, static_argnames=("num_views", "grid", "mask_ratio", "block"))
-    mask, ids_keep = fn(jax.random.key(0), num_views=2, grid=(4, 8), mask_ratio=0.5, block=3)
+    fn = jax.jit(draw_clip_masks, static_argnames=("num_views", "grid", "mask_ratio", "block", "adjust"))
+    mask, ids_keep = fn(jax.random.key(0), num_views=2, grid=(4, 8), mask_ratio=0.5, block=3, adjust=0.07)
     assert mask.shape == (2, 32) and ids_keep.shape == (2, 16)
     np.testing.assert_array_equal((~np.asarray(mask)).sum(axis=1), 16)
 
 
 def test_bad_arguments_say_what_was_expected():
     with pytest.raises(ValueError, match="mask_ratio"):
-        inverse_block_mask(jax.random.key(0), 2, mask_ratio=1.0)
+        draw_clip_masks(jax.random.key(0), 2, **{**MASKING, "mask_ratio": 1.0})
     with pytest.raises(ValueError, match="keeps no patch"):
-        inverse_block_mask(jax.random.key(0), 2, grid=(2, 2), mask_ratio=0.9)
+        draw_clip_masks(jax.random.key(0), 2, grid=(2, 2), mask_ratio=0.9, block=5, adjust=0.07)
