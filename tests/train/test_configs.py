@@ -5,8 +5,10 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
 
-from bat_jax.models.bat_ssl import SSLConfig
+from bat_jax.data import pipeline, records
+from bat_jax.models.bat_ssl import SSLConfig, check_batch
 from bat_jax.models.masking import num_centres, num_kept
 from bat_jax.models.ssl import ema_decay
 from bat_jax.train import config as train_config
@@ -90,6 +92,31 @@ def test_smaller_configs_state_only_what_differs():
     eat = train_config.ssl_config(train_config.pretrain_config("eat_style"))
     assert not eat.encoder.use_gate and eat.target == "ffn"
     assert eat.replace(encoder=base.encoder, target=base.target) == base
+
+
+def test_loader_kwargs_give_batches_the_ssl_config_accepts(tmp_path):
+    """The one `frames` key: a loader built from the config yields spec [B, frames, n_mels], as SSLConfig
+    expects; a different cfg.frames changes both."""
+    cfg = train_config.pretrain_config("tiny")
+    cfg.frames = 48
+    ssl = train_config.ssl_config(cfg)
+    rng = np.random.default_rng(0)
+    (tmp_path / "train").mkdir()
+    writer = ArrayRecordWriter(str(tmp_path / "train" / "train-00000-of-00001.arrayrecord"), "group_size:1")
+    for i in range(cfg.data.global_batch_size):
+        n = int(rng.integers(20, 80))  # shorter and longer than the target
+        spec = rng.uniform(0, 1, (n, ssl.encoder.n_mels)).astype(np.float16)
+        writer.write(records.encode(records.Clip(spec, n, f"clip{i}")))
+    writer.close()
+    loader = pipeline.make_pretrain_loader(
+        pipeline.shard_paths(tmp_path, "train"), **train_config.loader_kwargs(cfg)
+    )
+    try:
+        batch = next(iter(loader))
+    finally:
+        loader.close()
+    assert batch["spec"].shape == (cfg.data.global_batch_size, 48, ssl.encoder.n_mels)
+    check_batch(jnp.asarray(batch["spec"]), ssl)
 
 
 def test_ssl_preset_applies_overrides():
