@@ -22,7 +22,10 @@ SRC may be:
 Reading .pt files needs torch:  pip install 'bat-jax[torch]'
 
 The architecture is read from the file; a tensor whose shape disagrees with it,
-a missing key or an unexpected key is an error (never a partial load).
+a missing key, an unexpected key or a NaN/Inf value is an error (never a partial
+load). Tensors may be stored as float32, float16 or bfloat16; they are written
+as float32. Every input error (missing, unreadable or truncated file, unknown
+format, wrong shapes, torch not installed, ...) is one line on stderr, exit 1.
 
 OUT is written as:
   OUT/config.json   {"format": "bat-jax-encoder", "format_version": 1,
@@ -55,14 +58,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from bat_jax.convert.checkpoint import save_encoder
+    from bat_jax.convert.errors import one_line
     from bat_jax.convert.load import load_encoder
     from bat_jax.models.encoder import param_count
 
     try:
         encoder = load_encoder(args.src, num_heads=args.num_heads)
         out = save_encoder(encoder, args.out, source=str(args.src), overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-        print(f"bat-jax convert: error: {e}", file=sys.stderr)
+    # CheckpointError is a ValueError; OSError covers missing files, FileExistsError, PermissionError.
+    except (ValueError, OSError, ImportError) as e:
+        print(f"bat-jax convert: error: {one_line(e, limit=2000)}", file=sys.stderr)
         return 1
     cfg = encoder.config
     print(

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bat_jax.convert import checkpoint, mapping, sources
+from bat_jax.convert.errors import CheckpointError
 from bat_jax.models.config import EncoderConfig
 from bat_jax.models.encoder import Encoder
 
@@ -49,7 +50,9 @@ def config_for(src: sources.SourceState, num_heads: int | None) -> EncoderConfig
     try:
         return mapping.infer_config(src.state, heads, src.where, base)
     except ValueError as e:
-        raise ValueError(f"{src.where}: the tensors and num_heads={heads} do not make an encoder: {e}") from e
+        raise CheckpointError(
+            f"{src.where}: the tensors and num_heads={heads} do not make an encoder: {e}"
+        ) from e
 
 
 def read_source(path: Path) -> sources.SourceState:
@@ -60,13 +63,15 @@ def read_source(path: Path) -> sources.SourceState:
         return sources.read_hf(path)
     elif path.suffix in TORCH_SUFFIXES:
         return sources.read_torch(path)
-    raise ValueError(f"{path}: not a recognised encoder checkpoint; expected {ACCEPTED}")
+    raise CheckpointError(f"{path}: not a recognised encoder checkpoint; expected {ACCEPTED}")
 
 
 def load_weights(path: str | Path, *, num_heads: int | None = None) -> tuple[EncoderConfig, Any, str]:
-    """(config, numpy params, kind) from any accepted checkpoint.
+    """(config, float32 numpy params, kind) from any accepted checkpoint, stored in any floating dtype.
 
-    kind is "bat_jax", "hf", "bat_pt" or "fairseq".
+    kind is "bat_jax", "hf", "bat_pt" or "fairseq". A file that cannot be read, does not match its config or
+    holds NaN/Inf raises CheckpointError (a ValueError) naming the file and the reason; a missing path
+    FileNotFoundError; a .pt file without torch installed ImportError.
     """
     path = Path(path)
     if not path.exists():
@@ -87,7 +92,8 @@ def load_encoder(path: str | Path, *, num_heads: int | None = None, dtype: Any =
     Accepted: a Hugging Face BAT folder or `model.safetensors` (+ sibling `config.json`), a BAT `.pt`
     (`student.encoder.*`), an EAT/SSLAM fairseq `.pt`, or a bat-jax checkpoint folder. The architecture is
     read from the file (config.json, or tensor shapes); `num_heads` is needed only when the file does not
-    name it (and must agree when it does). Parameters and computation use `dtype`.
+    name it (and must agree when it does). The file may store float32, float16 or bfloat16 tensors;
+    parameters and computation use `dtype`. Errors: see `load_weights`.
     """
     config, params, _ = load_weights(path, num_heads=num_heads)
     name = jnp.dtype(dtype).name

@@ -6,8 +6,10 @@ The reference layout is the one of the official BAT `ViT` and of the Hugging Fac
 PyTorch stores linear weights [out, in] and the patch conv OIHW [D, 1, 16, 16]; bat-jax stores
 kernels [in, out] with the head axes split out (see `bat_jax.models.layers`) and the conv HWIO.
 
-Import is strict: a missing key, an unexpected key or a shape that disagrees with the config is an
-error naming the file, the key(s) and both shapes — never a silent partial load.
+Import is strict: a missing key, an unexpected key, a shape that disagrees with the config or a NaN/Inf
+value is a `CheckpointError` naming the file, the key(s) and what was found — never a silent partial load.
+Tensors may be stored in any floating dtype (float32, float16, bfloat16, ...); the imported params are
+float32 numpy arrays (`load_encoder` casts them to the compute dtype).
 """
 
 from __future__ import annotations
@@ -17,14 +19,20 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
+from bat_jax.convert.errors import CheckpointError
 from bat_jax.models.config import EncoderConfig
 from bat_jax.models.layers import sincos_2d
 
 POS_KEY = "pos_embed"
-# Max |checkpoint table − recomputed sin-cos table| accepted as the same layout (float32 round-off ~1e-6).
+# Max |checkpoint table − recomputed sin-cos table| accepted as the same layout: 1e-4 for a float32 table
+# (float32 round-off ~1e-6), else POS_ULPS units of the stored dtype at 1.0 (the table lies in [-1, 1],
+# rounding to the dtype moves an entry by at most eps/2): float16 1.95e-3, bfloat16 1.56e-2. A table of
+# another layout, or a learned one, is off by O(1).
 POS_TOLERANCE = 1e-4
+POS_ULPS = 2
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -92,6 +100,55 @@ def reference_key_map(cfg: EncoderConfig) -> dict[str, Target]:
     return keys
 
 
+def pos_tolerance(dtype: Any) -> float:
+    """The sin-cos table tolerance for a table stored as `dtype` (see POS_TOLERANCE, POS_ULPS)."""
+    return max(POS_TOLERANCE, POS_ULPS * float(ml_dtypes.finfo(dtype).eps))
+
+
+def is_float(dtype: Any) -> bool:
+    """numpy floating dtypes and the ml_dtypes ones (bfloat16, float8 …), which numpy calls void."""
+    try:
+        ml_dtypes.finfo(dtype)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def check_finite(state: Mapping[str, Any], where: str, names: Mapping[str, str] | None = None) -> None:
+    """Raise CheckpointError naming every tensor that holds NaN or ±Inf, with how many such values."""
+    bad = []
+    for key, value in state.items():
+        value = np.asarray(value)
+        if not is_float(value.dtype):
+            continue
+        count = int(value.size - np.count_nonzero(np.isfinite(value)))
+        if count:
+            bad.append(f"{_original(key, names)!r} ({count} of {value.size} values)")
+    if bad:
+        raise CheckpointError(
+            f"{where}: non-finite weights (NaN or Inf) in {_preview(bad, 5)}; expected finite values "
+            "everywhere (a diverged run or a damaged file?)"
+        )
+
+
+def as_float32(value: Any, key: str, where: str) -> np.ndarray:
+    """A stored tensor as float32 numpy (from any floating dtype); CheckpointError for other dtypes."""
+    value = np.asarray(value)
+    if not is_float(value.dtype):
+        raise CheckpointError(
+            f"{where}: tensor {key!r} is stored as {value.dtype}, expected a floating dtype"
+        )
+    return value.astype(np.float32)
+
+
+def place(params: dict[str, Any], path: tuple[str, ...], value: np.ndarray) -> None:
+    """params[path[0]][path[1]]… = value, creating the nested dicts."""
+    node = params
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+
+
 def _preview(keys: list[str], limit: int = 12) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", … ({len(keys)} in all)" if len(keys) > limit else "")
@@ -104,7 +161,7 @@ def _original(key: str, names: Mapping[str, str] | None) -> str:
 def check_keys(
     state: Mapping[str, Any], expected: set[str], where: str, names: Mapping[str, str] | None = None
 ) -> None:
-    """Raise ValueError listing missing and unexpected keys (names given as the file spells them)."""
+    """Raise CheckpointError listing missing and unexpected keys (names given as the file spells them)."""
     missing = sorted(_original(k, names) for k in expected - set(state))
     unexpected = sorted(_original(k, names) for k in set(state) - expected)
     problems = []
@@ -113,14 +170,16 @@ def check_keys(
     if unexpected:
         problems.append(f"unexpected keys: {_preview(unexpected)}")
     if problems:
-        raise ValueError(f"{where}: the checkpoint does not match the encoder config; " + "; ".join(problems))
+        raise CheckpointError(
+            f"{where}: the checkpoint does not match the encoder config; " + "; ".join(problems)
+        )
 
 
 def check_shape(
     key: str, found: tuple[int, ...], expected: tuple[int, ...], where: str, cfg_note: str
 ) -> None:
     if tuple(found) != tuple(expected):
-        raise ValueError(
+        raise CheckpointError(
             f"{where}: tensor {key!r} has shape {list(found)}, expected {list(expected)} for {cfg_note}"
         )
 
@@ -155,19 +214,22 @@ def check_positions(table: np.ndarray, cfg: EncoderConfig, where: str, key: str 
         check_shape(
             key, table.shape, (1, needed, cfg.dim), where, f"{describe(cfg)} (at least {needed} positions)"
         )
-    used = np.asarray(table[0, :needed], np.float32)
+    stored = np.asarray(table).dtype
+    used = as_float32(table[0, :needed], key, where)
+    tolerance = pos_tolerance(stored)
     errors = {}
     for grid in pos_grid_candidates(cfg):
         if grid[0] * grid[1] < needed:
             continue
         err = float(np.max(np.abs(sincos_2d(cfg.dim, grid)[:needed] - used)))
-        if err <= POS_TOLERANCE:
+        if err <= tolerance:
             return cfg.replace(pos_grid=grid)
         errors[grid] = err
     detail = ", ".join(f"grid {list(g)}: max |diff| {e:.3g}" for g, e in errors.items())
-    raise ValueError(
+    raise CheckpointError(
         f"{where}: {key!r} is not a fixed 2-D sin-cos position table bat-jax can recompute ({detail}; "
-        f"tolerance {POS_TOLERANCE}); learned or modified position tables are not supported"
+        f"tolerance {tolerance:.3g} for a table stored as {stored}); learned or modified position tables "
+        "are not supported"
     )
 
 
@@ -183,17 +245,27 @@ def import_reference_state(
     """
     key_map = reference_key_map(cfg)
     check_keys(state, set(key_map) | {POS_KEY}, where, names)
-    note = describe(cfg)
+    check_finite(state, where, names)
+    params = convert_tensors(state, key_map, where, describe(cfg), names)
+    cfg = check_positions(np.asarray(state[POS_KEY]), cfg, where, _original(POS_KEY, names))
+    return cfg, params
+
+
+def convert_tensors(
+    state: Mapping[str, Any],
+    key_map: Mapping[str, Target],
+    where: str,
+    note: str,
+    names: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Every key of `key_map`, shape-checked, converted, placed at its path: nested float32 numpy params."""
     params: dict[str, Any] = {}
     for key, target in key_map.items():
         value = np.asarray(state[key])
         check_shape(_original(key, names), value.shape, target.shape, where, note)
-        node = params
-        for part in target.path[:-1]:
-            node = node.setdefault(part, {})
-        node[target.path[-1]] = np.ascontiguousarray(target.convert(value))
-    cfg = check_positions(np.asarray(state[POS_KEY]), cfg, where, _original(POS_KEY, names))
-    return cfg, params
+        value = as_float32(value, _original(key, names), where)
+        place(params, target.path, np.ascontiguousarray(target.convert(value)))
+    return params
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -206,9 +278,11 @@ def infer_config(
     """Width, depth, MLP ratio, gate, pre-norm, qkv bias and patch size from reference-layout shapes."""
     for key in ("cls_token", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight"):
         if key not in state:
-            raise ValueError(f"{where}: no {key!r}; cannot infer the encoder architecture from the tensors")
+            raise CheckpointError(
+                f"{where}: no {key!r}; cannot infer the encoder architecture from the tensors"
+            )
     dim = int(state["cls_token"].shape[-1])
-    depth = 1 + max(int(m.group(1)) for k in state if (m := _BLOCK.match(k)))
+    depth = 1 + max((int(m.group(1)) for k in state if (m := _BLOCK.match(k))), default=-1)
     conv = state["patch_embed.proj.weight"].shape  # [D, 1, pt, pf]
     base = base or EncoderConfig()
     return base.replace(

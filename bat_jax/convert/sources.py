@@ -5,6 +5,8 @@
 * BAT `.pt` (the authors' `BAT_base.pt`): `student.encoder.<key>` tensors, possibly under `state_dict`.
 * EAT / SSLAM fairseq `.pt`: `{"model": {"modality_encoders.IMAGE.…", "blocks.{i}.…"}, "cfg": …}`.
 
+Tensors keep the dtype they are stored in (float16, bfloat16 as `ml_dtypes.bfloat16`, float32 …); a file
+that cannot be read (truncated, random bytes, not a checkpoint) is a `CheckpointError` naming it.
 torch is imported lazily, only for `.pt` files (`pip install 'bat-jax[torch]'`).
 """
 
@@ -17,8 +19,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
+from bat_jax.convert.errors import CheckpointError, one_line
+from bat_jax.convert.hf import encoder_config_from_hf
 from bat_jax.models.config import EncoderConfig
 
 TORCH_HINT = "reading PyTorch .pt checkpoints needs torch: pip install 'bat-jax[torch]'"
@@ -69,15 +74,31 @@ class SourceState:
 def read_hf_config(path: Path) -> EncoderConfig:
     try:
         hf = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the encoder config.json ({e})") from e
-    return EncoderConfig.from_hf_config(hf, where=str(path))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read the encoder config.json ({one_line(e)})") from e
+    if not isinstance(hf, Mapping):
+        raise CheckpointError(f"{path}: expected a JSON object (the config), found {type(hf).__name__}")
+    return encoder_config_from_hf(hf, where=str(path))
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a .safetensors file, in its stored dtype; CheckpointError naming the file when the
+    file is truncated, random or otherwise unreadable."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return dict(load_file(str(path)))
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        size = path.stat().st_size if path.is_file() else 0
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({one_line(e)}; {size:,} bytes); the file is truncated "
+            "or damaged, or not a checkpoint: download or copy it again"
+        ) from e
 
 
 def read_hf(path: Path) -> SourceState:
     """A HF folder (model.safetensors + config.json) or a .safetensors file with a sibling config.json."""
-    from safetensors.numpy import load_file
-
     weights = path / "model.safetensors" if path.is_dir() else path
     config_path = weights.parent / "config.json"
     if not weights.is_file():
@@ -86,7 +107,8 @@ def read_hf(path: Path) -> SourceState:
         raise FileNotFoundError(
             f"{weights}: expected its config.json beside it ({config_path}) to know the architecture"
         )
-    return SourceState("hf", dict(load_file(str(weights))), str(weights), config=read_hf_config(config_path))
+    config = read_hf_config(config_path)
+    return SourceState("hf", read_safetensors(weights), str(weights), config=config)
 
 
 def sibling_hf_config(path: Path) -> EncoderConfig | None:
@@ -96,9 +118,11 @@ def sibling_hf_config(path: Path) -> EncoderConfig | None:
         return None
     try:
         hf = json.loads(candidate.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return EncoderConfig.from_hf_config(hf, where=str(candidate)) if "hidden_size" in hf else None
+    if not isinstance(hf, Mapping) or "hidden_size" not in hf:
+        return None
+    return encoder_config_from_hf(hf, where=str(candidate))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -115,25 +139,46 @@ def import_torch() -> Any:
 
 def load_torch_file(path: Path) -> Any:
     """torch.load on the CPU, tensors only; fairseq checkpoints that pickle their config objects
-    (omegaconf / argparse) are re-read with weights_only=False — only load files you trust."""
+    (omegaconf / argparse) are re-read with weights_only=False — only load files you trust.
+    A file torch cannot read (truncated, random bytes, not a torch file) is a CheckpointError naming it."""
     torch = import_torch()
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
         if not any(word in text for word in ("omegaconf", "argparse", "fairseq")):
-            raise ValueError(f"{path}: torch.load(weights_only=True) refused the file: {text}") from e
-        # fairseq stores its run config as omegaconf/argparse objects, which the safe loader rejects.
+            # torch's message is a paragraph on weights_only; the reason follows "WeightsUnpickler error:".
+            reason = text.rpartition("WeightsUnpickler error:")[2] if "WeightsUnpickler" in text else text
+            raise _unreadable_torch(path, one_line(pickle.UnpicklingError(reason))) from e
+    except Exception as e:  # torch raises RuntimeError, EOFError, OSError, … for a bad file
+        raise _unreadable_torch(path, f"{type(e).__name__}: {one_line(e)}") from e
+    # fairseq stores its run config as omegaconf/argparse objects, which the safe loader rejects.
+    try:
         return torch.load(str(path), map_location="cpu", weights_only=False)
+    except ImportError as e:
+        raise CheckpointError(
+            f"{path}: the checkpoint pickles objects of a package that is not installed ({one_line(e)})"
+        ) from e
+    except Exception as e:  # as above
+        raise _unreadable_torch(path, f"{type(e).__name__}: {one_line(e)}") from e
+
+
+def _unreadable_torch(path: Path, reason: str) -> CheckpointError:
+    size = path.stat().st_size if path.is_file() else 0
+    return CheckpointError(
+        f"{path}: not a readable PyTorch checkpoint ({reason}; {size:,} bytes); the file is truncated or "
+        "damaged, or not a checkpoint: download or copy it again"
+    )
 
 
 def to_numpy(value: Any, key: str, where: str) -> np.ndarray:
+    """A tensor as numpy in its stored dtype (bfloat16 as ml_dtypes.bfloat16, which torch cannot export)."""
     torch = import_torch()
     if not isinstance(value, torch.Tensor):
-        raise ValueError(f"{where}: {key!r} is a {type(value).__name__}, expected a tensor")
+        raise CheckpointError(f"{where}: {key!r} is a {type(value).__name__}, expected a tensor")
     value = value.detach().cpu()
-    if value.is_floating_point():
-        value = value.to(torch.float32)  # bf16/fp16 → float32 (numpy has no bfloat16)
+    if value.dtype == torch.bfloat16:
+        return value.to(torch.float32).numpy().astype(ml_dtypes.bfloat16)  # exact: bf16 ⊂ float32
     return value.numpy()
 
 
@@ -190,7 +235,7 @@ def read_torch(path: Path) -> SourceState:
     obj = load_torch_file(path)
     where = str(path)
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{where}: expected a checkpoint dict, found a {type(obj).__name__}")
+        raise CheckpointError(f"{where}: expected a checkpoint dict, found a {type(obj).__name__}")
     model = obj.get("model")
     if isinstance(model, Mapping) and any(str(k).startswith(FAIRSEQ_IMAGE) for k in model):
         return read_fairseq(obj, where)
@@ -198,7 +243,7 @@ def read_torch(path: Path) -> SourceState:
     if isinstance(flat, Mapping) and any(str(k).startswith(BAT_PT_PREFIX) for k in flat):
         return read_bat_pt(obj, path)
     top = sorted(str(k) for k in obj)[:10]
-    raise ValueError(
+    raise CheckpointError(
         f"{where}: not a BAT or EAT/SSLAM checkpoint: expected '{BAT_PT_PREFIX}*' tensors (optionally under "
         f"'state_dict') or a fairseq 'model' dict with '{FAIRSEQ_IMAGE}*' keys; found top-level keys {top}"
     )

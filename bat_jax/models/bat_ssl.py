@@ -23,21 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from bat_jax.convert.mapping import import_reference_state
 from bat_jax.models.config import EncoderConfig
-from bat_jax.models.decoder import (
-    DecoderConfig,
-    VitDecoder,
-    decoder_params_from_reference,
-    init_decoder_params,
-)
+from bat_jax.models.decoder import DecoderConfig, VitDecoder, init_decoder_params
 from bat_jax.models.encoder import BatEncoder
 from bat_jax.models.encoder import init_params as init_encoder_params
 from bat_jax.models.layers import Mlp
@@ -153,32 +146,6 @@ def init_params(config: SSLConfig, rng: Array) -> dict[str, Any]:
 def abstract_params(config: SSLConfig) -> dict[str, Any]:
     """Shapes and dtypes of the (boxed) student parameters, without allocating or compiling anything."""
     return jax.eval_shape(_jitted_init(config), jax.random.key(0))
-
-
-def params_from_reference(state: Mapping[str, np.ndarray], config: SSLConfig, where: str) -> dict[str, Any]:
-    """The reference student's tensors (``encoder.*``, ``decoder.*``; numpy) → plain numpy params
-    ``{"encoder", "decoder"}``. Strict: missing, unexpected or misshapen keys raise ValueError."""
-    parts: dict[str, dict[str, np.ndarray]] = {"encoder": {}, "decoder": {}}
-    stray = []
-    for key, value in state.items():
-        prefix, _, rest = key.partition(".")
-        if prefix in parts and rest:
-            parts[prefix][rest] = value
-        else:
-            stray.append(key)
-    if stray:
-        raise ValueError(
-            f"{where}: expected only 'encoder.*' and 'decoder.*' keys of a reference SSL student, found "
-            f"{sorted(stray)[:8]}"
-        )
-    enc_cfg, encoder = import_reference_state(parts["encoder"], config.encoder, f"{where} (encoder.*)")
-    if enc_cfg.pos_grid != config.encoder.pos_grid:
-        raise ValueError(
-            f"{where}: encoder.pos_embed uses the sin-cos grid {enc_cfg.pos_grid}, expected the config's "
-            f"{config.encoder.pos_grid}"
-        )
-    decoder = decoder_params_from_reference(parts["decoder"], config.decoder, f"{where} (decoder.*)")
-    return {"encoder": encoder, "decoder": decoder}
 
 
 # ----------------------------------------------------------------------------------------------------

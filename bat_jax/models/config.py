@@ -1,7 +1,7 @@
 """EncoderConfig: every number that defines a BAT/EAT-style ViT encoder.
 
 A frozen dataclass, convertible to and from a dict / JSON (`to_dict`, `from_dict`, `to_json`,
-`from_json`) and from the Hugging Face `config.json` of the released BAT encoder (`from_hf_config`).
+`from_json`); the Hugging Face `config.json` of the released encoder is read in `convert/hf.py`.
 Presets: `bat_base()` (ViT-B/16, gated), `bat_small()` (ViT-S/16, gated), `eat_base()` (ViT-B/16 without
 gates, EAT/SSLAM checkpoints) and `tiny()` (dim 64, depth 3, 4 heads: the size of the test fixtures).
 """
@@ -140,37 +140,6 @@ class EncoderConfig:
 
     def replace(self, **changes: Any) -> EncoderConfig:
         return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any], where: str = "config.json") -> EncoderConfig:
-        """From the Hugging Face `config.json` of the BAT release (`lrauch/BAT-vit-b16-pretrainedAS2M`)."""
-        required = ("hidden_size", "num_hidden_layers", "num_attention_heads")
-        missing = [k for k in required if k not in hf]
-        if missing:
-            raise ValueError(
-                f"{where}: missing {missing}; expected a BAT encoder config with {list(required)}"
-            )
-        if hf.get("pos_trainable", False):
-            raise ValueError(f"{where}: pos_trainable is true; bat-jax supports fixed sin-cos positions only")
-        if hf.get("init_scale_values") is not None:
-            raise ValueError(
-                f"{where}: init_scale_values (LayerScale) is set; bat-jax encoders have no LayerScale"
-            )
-        input_shape = hf.get("input_shape", (1024, 128))
-        return cls(
-            dim=int(hf["hidden_size"]),
-            depth=int(hf["num_hidden_layers"]),
-            num_heads=int(hf["num_attention_heads"]),
-            mlp_ratio=float(hf.get("mlp_ratio", 4.0)),
-            qkv_bias=bool(hf.get("qkv_bias", True)),
-            use_gate=bool(hf.get("use_gate", True)),
-            pre_norm=bool(hf.get("pre_norm", True)),
-            layer_norm_first=bool(hf.get("layer_norm_first", False)),
-            eps=float(hf.get("layer_norm_eps", 1e-6)),
-            patch_size=tuple(hf.get("patch_size", (16, 16))),
-            n_mels=int(input_shape[1]),
-            chunk_time_patches=int(hf.get("chunk_time_patches", 64)),
-        )
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -19,16 +19,13 @@ No CLS token enters the decoder.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from bat_jax.convert.mapping import Target, check_keys, check_shape, reference_key_map
-from bat_jax.models.config import REMAT_FULL, REMAT_NONE, EncoderConfig
+from bat_jax.models.config import REMAT_FULL, REMAT_NONE
 from bat_jax.models.encoder import block_class
 from bat_jax.models.layers import ACT_TOKENS, Linear, partitioned, sincos_2d
 
@@ -163,45 +160,3 @@ def init_decoder_params(config: DecoderConfig, rng: Array) -> dict[str, Any]:
     kept = 1
     tokens = jnp.zeros((1, kept, config.in_dim), jnp.dtype(config.dtype))
     return VitDecoder(config).init(rng, tokens, jnp.zeros((1, kept), jnp.int32))["params"]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reference (PyTorch) layout: `decoder.*` keys of the reference student
-
-
-def _block_key_map(config: DecoderConfig) -> dict[str, Any]:
-    """The `blocks.{i}.*` entries of the encoder key map, at the decoder's sizes (same block layout)."""
-    as_encoder = EncoderConfig(
-        dim=config.width,
-        depth=config.depth,
-        num_heads=config.num_heads,
-        mlp_ratio=config.mlp_ratio,
-        qkv_bias=config.qkv_bias,
-        use_gate=config.use_gate,
-    )
-    return {k: v for k, v in reference_key_map(as_encoder).items() if k.startswith("blocks.")}
-
-
-def decoder_params_from_reference(
-    state: Mapping[str, np.ndarray], config: DecoderConfig, where: str
-) -> dict[str, Any]:
-    """Reference decoder tensors (keys without the `decoder.` prefix: `pos_embed` [1, N, D],
-    `mask_token` [1, 1, D], `in_proj.weight`, `blocks.{i}.*`, `out_proj.weight`) → plain numpy params."""
-    d, d_in, n = config.width, config.in_dim, config.num_patches
-    key_map = dict(_block_key_map(config))
-    key_map["pos_embed"] = Target(("pos_embed",), (1, n, d), lambda x: x.reshape(n, d))
-    key_map["mask_token"] = Target(("mask_token",), (1, 1, d), lambda x: x.reshape(d))
-    key_map["out_proj.weight"] = Target(("out_proj", "kernel"), (d_in, d), lambda x: x.T)
-    if d != d_in:
-        key_map["in_proj.weight"] = Target(("in_proj", "kernel"), (d, d_in), lambda x: x.T)
-    check_keys(state, set(key_map), where)
-    note = f"a decoder with {config}"
-    params: dict[str, Any] = {}
-    for key, target in key_map.items():
-        value = np.asarray(state[key])
-        check_shape(key, value.shape, target.shape, where, note)
-        node = params
-        for part in target.path[:-1]:
-            node = node.setdefault(part, {})
-        node[target.path[-1]] = np.ascontiguousarray(target.convert(value)).astype(np.float32)
-    return params

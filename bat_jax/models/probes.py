@@ -16,8 +16,9 @@ Usage::
     layer_gates(params)                                                        # [L] convex layer gate
 
 Behaviour follows the official BAT code (``models/heads.py``), checked against its outputs in
-tests/models/test_probes.py; ``from_reference`` imports its weights. Parameters carry logical axis names
-(``nn.with_logical_partitioning``) so large probes (K = 10,000 prototypes) can be sharded by a rules table.
+tests/models/test_probes.py; ``convert/probes.py`` imports its weights.
+Parameters carry logical axis names (``nn.with_logical_partitioning``) so large probes (K = 10,000
+prototypes) can be sharded by a rules table.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Array = jax.Array
 DType = Any
@@ -404,133 +404,3 @@ def layer_gates(params: Mapping[str, Any]) -> Array:
             f"found keys {sorted(p)}"
         )
     return gate_weights(p["gate_logits"])
-
-
-# Reference (torch) head keys -> our parameter path, and buffers that carry no learned state.
-_REF_KEYS = {
-    "block_attention": ("gate_logits",),
-    "prototype_vectors": ("prototypes",),
-    "fc.weight": ("fc", "kernel"),
-    "fc.bias": ("fc", "bias"),
-    "ln.weight": ("ln", "scale"),
-    "ln.bias": ("ln", "bias"),
-}
-_REF_LAYOUT = {  # torch layout (for messages) and rank once converted
-    "block_attention": ("[L]", 1),
-    "prototype_vectors": ("[K, D, 1, 1]", 2),
-    "fc.weight": ("[C, in]", 2),
-    "fc.bias": ("[C]", 1),
-    "ln.weight": ("[in]", 1),
-    "ln.bias": ("[in]", 1),
-}
-_REF_BUFFERS = {"group_scale"}  # H2T: √(group size), recomputed by group_lasso_penalty
-_REF_REQUIRED = {
-    "cgp": {"block_attention", "prototype_vectors", "fc.weight", "fc.bias"},
-    "lcgp": {"block_attention", "fc.weight", "fc.bias"},
-    "h2t": {"fc.weight", "fc.bias"},
-    "lp": {"fc.weight", "fc.bias"},
-    "protobin": {"prototype_vectors", "fc.weight", "fc.bias"},
-}
-_REF_NORM = {"ln.weight", "ln.bias"}  # optional LayerNorm of LCGP, H2T, LP (head_norm)
-
-
-def from_reference(
-    name: str,
-    arrays: Mapping[str, Any],
-    *,
-    prefix: str = "",
-    like: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Convert a reference (PyTorch) head's weights into this module's params.
-
-    arrays: torch-layout tensors as numpy arrays, keyed as in the head's state dict
-    (``prototype_vectors`` [K, D, 1, 1], ``block_attention`` [L], ``fc.weight`` [C, in], ``fc.bias`` [C],
-    ``ln.weight`` / ``ln.bias``); with ``prefix`` (e.g. "head.") only keys starting with it are read.
-    like: optional params (or ``jax.eval_shape`` of them) whose shapes the result must match.
-    """
-    if name not in _REGISTRY:
-        raise ValueError(f"from_reference ({_WHERE}): unknown probe {name!r}, expected one of {PROBE_NAMES}")
-    family = "cgp" if name.startswith("cgp") else name
-    found = {k[len(prefix) :]: np.asarray(v) for k, v in arrays.items() if k.startswith(prefix)}
-    required = _REF_REQUIRED[family]
-    optional = (_REF_NORM if family in ("lcgp", "h2t", "lp") else set()) | _REF_BUFFERS
-    missing = sorted(required - set(found))
-    unknown = sorted(set(found) - required - optional)
-    if missing or unknown:
-        raise KeyError(
-            f"from_reference ({_WHERE}): {name!r} expects keys {sorted(required)} (optional "
-            f"{sorted(optional)}); missing {missing}, unexpected {unknown}"
-        )
-    if len(_REF_NORM & set(found)) == 1:
-        raise KeyError(f"from_reference ({_WHERE}): {name!r} needs both ln.weight and ln.bias, or neither")
-
-    converted: dict[tuple[str, ...], np.ndarray] = {}
-    for key, value in found.items():
-        if key in _REF_BUFFERS:
-            continue
-        if key == "prototype_vectors" and value.ndim == 4 and value.shape[2:] == (1, 1):
-            value = value[:, :, 0, 0]  # 1×1 conv kernel [K, D, 1, 1] -> [K, D]
-        layout, rank = _REF_LAYOUT[key]
-        if value.ndim != rank:
-            raise ValueError(
-                f"from_reference ({_WHERE}): {name!r} key {key!r} expected {layout}, found shape "
-                f"{found[key].shape}"
-            )
-        converted[_REF_KEYS[key]] = value.T if key == "fc.weight" else value  # fc: [C, in] -> [in, C]
-
-    want = _implied_shapes(family, converted)
-    if like is not None:
-        flat_like = {
-            tuple(getattr(k, "key", k) for k in path): leaf.shape
-            for path, leaf in jax.tree_util.tree_leaves_with_path(_unbox_params(like))
-        }
-        if set(flat_like) != set(converted):
-            raise KeyError(
-                f"from_reference ({_WHERE}): {name!r} converts to params {sorted(converted)}, the probe "
-                f"has {sorted(flat_like)} (LayerNorm present in one and not the other?)"
-            )
-        want.update(flat_like)
-    for path, shape in want.items():
-        if tuple(converted[path].shape) != tuple(shape):
-            key = next(k for k, v in _REF_KEYS.items() if v == path)
-            found_shape, want_shape = _torch_shape(key, converted[path]), _torch_shape(key, np.empty(shape))
-            raise ValueError(
-                f"from_reference ({_WHERE}): {name!r} key {key!r} has shape {found_shape}, "
-                f"expected {want_shape}"
-            )
-
-    params: dict[str, Any] = {}
-    for path, value in converted.items():
-        node = params
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = jnp.asarray(value, jnp.float32)
-    return params
-
-
-def _implied_shapes(family: str, converted: dict[tuple[str, ...], np.ndarray]) -> dict[tuple, tuple]:
-    """Shapes each weight must have given the others (our layout): the fc input width is 3K for CGP,
-    K for PB and the LayerNorm width when there is one; the bias has one entry per class."""
-    num_classes = converted[("fc", "bias")].shape[0]
-    fan_in = converted[("fc", "kernel")].shape[0]
-    want: dict[tuple, tuple] = {("fc", "bias"): (num_classes,)}
-    if ("prototypes",) in converted:
-        num_prototypes, dim = converted[("prototypes",)].shape
-        fan_in = 3 * num_prototypes if family == "cgp" else num_prototypes
-        want[("prototypes",)] = (num_prototypes, dim)
-    if ("ln", "scale") in converted:
-        fan_in = converted[("ln", "scale")].shape[0]
-        want[("ln", "scale")] = want[("ln", "bias")] = (fan_in,)
-    want[("fc", "kernel")] = (fan_in, num_classes)
-    if ("gate_logits",) in converted:
-        want[("gate_logits",)] = (converted[("gate_logits",)].shape[0],)
-    return want
-
-
-def _torch_shape(key: str, value: np.ndarray) -> tuple[int, ...]:
-    """A converted array's shape in the reference's layout, for error messages."""
-    if key == "fc.weight":
-        return tuple(reversed(value.shape))
-    if key == "prototype_vectors" and value.ndim == 2:
-        return (*value.shape, 1, 1)
-    return tuple(value.shape)

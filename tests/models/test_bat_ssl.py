@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from bat_jax.convert.ssl import ssl_params_from_reference
 from bat_jax.models import bat_ssl
 from bat_jax.models.encoder import BatEncoder
 from bat_jax.models.layers import GatedAttention, Mlp, layer_norm
@@ -58,7 +59,7 @@ def _reference_pass(params, teacher, spec, mask, ids_keep):
 def test_student_decoder_teacher_and_losses_match_reference(case):
     cfg = ssl_tiny()
     assert int(case["num_views"]) == cfg.num_views
-    params = bat_ssl.params_from_reference(case["state"], cfg, "ssl_student.safetensors")
+    params = ssl_params_from_reference(case["state"], cfg, "ssl_student.safetensors")
     metrics, cls, pred, targets = _reference_pass(
         params, params["encoder"], case["spec"], case["mask"].astype(bool), case["ids_keep_sorted"]
     )
@@ -75,20 +76,6 @@ def test_student_decoder_teacher_and_losses_match_reference(case):
         float(metrics["loss"]), float(case["global_loss"] + case["local_loss"]), rtol=1e-5
     )
     assert 0 < float(metrics["pred_var"]) and 0 < float(metrics["target_var"]) <= 1.0
-
-
-def test_params_from_reference_is_strict(case):
-    cfg = ssl_tiny()
-    state = dict(case["state"])
-    missing = {k: v for k, v in state.items() if k != "decoder.mask_token"}
-    with pytest.raises(ValueError, match="mask_token"):
-        bat_ssl.params_from_reference(missing, cfg, "f.safetensors")
-    with pytest.raises(ValueError, match="teacher.x"):
-        bat_ssl.params_from_reference({**state, "teacher.x": np.zeros(1)}, cfg, "f.safetensors")
-    with pytest.raises(ValueError, match="out_proj.weight"):
-        bat_ssl.params_from_reference(
-            {**state, "decoder.out_proj.weight": np.zeros((64, 32), np.float32)}, cfg, "f.safetensors"
-        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -124,7 +111,7 @@ def small_params():
 def test_init_params_tree_matches_the_reference_layout(case):
     cfg = ssl_tiny()
     init = nn.meta.unbox(bat_ssl.abstract_params(cfg))
-    ref = bat_ssl.params_from_reference(case["state"], cfg, "ssl_student.safetensors")
+    ref = ssl_params_from_reference(case["state"], cfg, "ssl_student.safetensors")
     assert jax.tree.structure(init) == jax.tree.structure(ref)
     assert jax.tree.map(lambda x: x.shape, init) == jax.tree.map(lambda x: x.shape, ref)
 

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+from bat_jax.convert.probes import probe_params_from_reference
 from bat_jax.models import losses, probes
 
 PARITY_TOL = 1e-4  # max ‖out − ref‖ / ‖ref‖, fixed by the issue
@@ -55,7 +56,7 @@ def _reference_probe(heads, name, **kw):
     num_classes = heads[name + "__logits"].shape[-1]
     probe = probes.make_probe(name, num_classes, num_layers=REF_LAYERS, dim=REF_DIM, **kw)
     like = jax.eval_shape(lambda: probes.init_params(probe, jax.random.key(0)))
-    return probe, probes.from_reference(name, arrays, like=like)
+    return probe, probe_params_from_reference(name, arrays, like=like)
 
 
 def _random_params(probe, seed=0):
@@ -240,21 +241,6 @@ def test_group_lasso_penalty_hand_example():
     )
     with pytest.raises(ValueError, match="multiple of layer_dim=3"):
         probes.group_lasso_penalty(params, layer_dim=3)
-
-
-def test_from_reference_errors_name_key_and_shapes(heads):
-    arrays = _ref_arrays(heads, "cgp")
-    bad = {**arrays, "fc.weight": arrays["fc.weight"][:, :90]}
-    with pytest.raises(ValueError, match=r"'fc.weight'.*\(5, 90\).*\(5, 96\)"):
-        probes.from_reference("cgp", bad)
-    probe = probes.make_probe("cgp", 5, num_layers=REF_LAYERS + 1, dim=REF_DIM, num_prototypes=32)
-    like = jax.eval_shape(lambda: probes.init_params(probe, jax.random.key(0)))
-    with pytest.raises(ValueError, match=r"'block_attention'.*\(3,\).*\(4,\)"):
-        probes.from_reference("cgp", arrays, like=like)
-    with pytest.raises(KeyError, match="missing \\['prototype_vectors'\\]"):
-        probes.from_reference("protobin", {k: v for k, v in arrays.items() if k != "prototype_vectors"})
-    prefixed = {"head." + k: v for k, v in _ref_arrays(heads, "lp").items()}
-    assert set(probes.from_reference("lp", prefixed, prefix="head.")) == {"fc", "ln"}
 
 
 def test_input_shape_errors():
