@@ -10,54 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import load_file, save_file
 
 from bat_jax.convert import cli as convert_cli
 from bat_jax.convert import load_encoder, load_weights, save_encoder
 from bat_jax.models.config import POS_GRID_EAT
 from bat_jax.models.layers import sincos_2d
-
-TOL = 1e-4  # maximum relative error ‖out − ref‖ / ‖ref‖ per array (fixed by the issue)
-
-
-def rel(a, b):
-    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
-
-
-def check_parity(enc, golden):
-    for tag in ("short", "long"):  # long: 96 time patches = chunks of 64 + 32
-        out = enc(golden[f"spec_{tag}"])
-        patches = np.asarray(out.patches).transpose(0, 1, 4, 2, 3)  # [L, B, T, F, D] → [L, B, D, T, F]
-        assert out.cls.shape == golden[f"cls_{tag}"].shape and patches.shape == golden[f"patches_{tag}"].shape
-        assert rel(out.cls, golden[f"cls_{tag}"]) <= TOL, tag
-        assert rel(patches, golden[f"patches_{tag}"]) <= TOL, tag
-
-
-@pytest.fixture(scope="module")
-def bat_dir(golden_dir):
-    return golden_dir / "bat_encoder"
-
-
-@pytest.fixture(scope="module")
-def bat_golden(bat_dir):
-    return dict(np.load(bat_dir / "golden.npz"))
-
-
-@pytest.fixture(scope="module")
-def bat_state(bat_dir):
-    return load_file(str(bat_dir / "model.safetensors"))
-
-
-def hf_folder(tmp_path, state, config=None, src_config=None):
-    """A HF-style folder with `state` and (a changed copy of) the fixture config.json."""
-    folder = tmp_path / "hf"
-    folder.mkdir()
-    save_file(state, str(folder / "model.safetensors"))
-    cfg = json.loads(src_config.read_text())
-    cfg.update(config or {})
-    (folder / "config.json").write_text(json.dumps(cfg))
-    return folder
-
+from tests.convert.helpers import check_parity, hf_folder, rel
 
 # ----------------------------------------------------------------------------------------------------
 # Parity with the reference outputs
