@@ -306,3 +306,20 @@ def test_truncated_wav_is_loaded_and_reported(tmp_path):
     assert audio_io.load_with_notes(wav(tmp_path / "whole.wav"))[1] == ()
     sf.write(tmp_path / "f.flac", np.zeros(100, np.float32), SR)
     assert audio_io.wav_header_frames(str(tmp_path / "f.flac")) is None
+
+
+def test_truncated_wav_is_kept_and_listed_as_truncated_in_the_manifest(tmp_path, capsys):
+    root, out = tmp_path / "audio", tmp_path / "out"
+    wav(root / "a.wav")
+    promised, held = truncated_wav(root / "t.wav")
+    task = sources.ClipTask(0, "t.wav", "t.wav", (0,))
+    wave, labels, notes = sources.FileLoader(str(root))(task)
+    assert wave.shape == (held,) and labels == (0,) and notes[0][0] == "truncated"
+    assert len(sources.FileLoader(str(root))(sources.ClipTask(0, "a.wav", "a.wav"))) == 2  # nothing to say
+    assert run_cli("--source", "folder", "--input", root, "--out", out) == 0
+    m = manifest(out)
+    assert m["splits"]["train"]["num_clips"] == 2 and m["skipped"] == []
+    [note] = m["notes"]
+    assert note["source"] == "t.wav" and note["kind"] == "truncated"
+    assert f"{held} frames read" in note["reason"] and f"promises {promised}" in note["reason"]
+    assert "truncated" in capsys.readouterr().out

@@ -43,7 +43,7 @@ class FileLoader:
 
         path = os.path.join(self.root, task.source)
         wave, notes = load_with_notes(path, SAMPLE_RATE, res_type=RESAMPLE_TYPE)
-        return (wave, task.labels)  # NOTES_PENDING: notes returned once prepare's workers read them
+        return (wave, task.labels, notes) if notes else (wave, task.labels)
 
 
 @dataclass(frozen=True)
