@@ -126,10 +126,12 @@ class ShardWriter:
         return self.path.stat().st_size
 
     def abort(self) -> None:
+        """Close and delete the partial `<path>.tmp` (an interrupted shard leaves nothing behind)."""
         try:
             self._writer.close()
-        except Exception:  # noqa: BLE001 - the partial .tmp is rewritten by the next run anyway
+        except Exception:  # noqa: BLE001 - the partial .tmp is deleted below or rewritten by the next run
             pass
+        self.tmp.unlink(missing_ok=True)
 
 
 def shard_problem(shard: Path, done: dict | None, config_digest: str) -> str | None:

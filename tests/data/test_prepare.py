@@ -5,6 +5,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import librosa
@@ -381,6 +385,46 @@ def test_loader_notes_go_to_done_files_manifest_and_summary(tmp_path):
         "kept with notes (2;" in summary
         and "truncated: 2  (e.g. files/clip1.wav: read 4800 frames" in summary
     )
+
+
+def _done_files(out: Path) -> set[Path]:
+    return set(out.glob(".progress/train/*" + shards.DONE_SUFFIX))
+
+
+def _assert_done_shards_are_whole(out: Path) -> None:
+    for done_path in _done_files(out):
+        done = json.loads(done_path.read_text())
+        shard = out / "train" / done_path.name.removesuffix(shards.DONE_SUFFIX)
+        assert hashlib.sha256(shard.read_bytes()).hexdigest() == done["sha256"]
+        assert shards.count_records(shard) == done["num_records"]
+
+
+@pytest.mark.slow  # subprocesses that spawn worker processes
+def test_sigint_to_a_two_worker_prepare_stops_cleanly_every_time(tmp_path):
+    out = tmp_path / "out"
+    args = [*SYNTH, "--max-seconds", "0.6", "--num-clips", 64, "--num-eval-clips", 0, "--clips-per-shard", 2]
+    command = [sys.executable, "-m", "bat_jax.cli", "prepare", *map(str, args), "--out", str(out)]
+    for attempt in range(3):
+        before = _done_files(out)
+        proc = subprocess.Popen([*command, "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while not _done_files(out) - before and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, f"attempt {attempt}: the run ended before a new shard was done"
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 130, (attempt, stdout.decode(), stderr.decode())
+        assert stderr.decode().strip().endswith("interrupted; run the same command again to finish")
+        assert "Traceback" not in stderr.decode() and "Exception ignored" not in stderr.decode()
+        assert not list(out.glob("train/*.tmp"))
+        _assert_done_shards_are_whole(out)
+        assert len(_done_files(out)) < 32  # stopped early
+    finish = subprocess.run([*command, "--workers", "2"], capture_output=True, timeout=300)
+    assert finish.returncode == 0, finish.stderr.decode()
+    assert run_cli(*args, "--workers", 1, "--out", tmp_path / "clean") == 0
+    assert shard_files(out) == shard_files(tmp_path / "clean")
+    ours = json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"]
+    assert ours == json.loads((tmp_path / "clean" / "manifest.json").read_text())["splits"]["train"]["shards"]
 
 
 def test_clip_seconds_cuts_waves_and_pads_features_after_normalisation(tmp_path):
