@@ -34,19 +34,20 @@ _WHERE = "bat_jax/models/decoder.py"
 MASK_TOKEN_INIT_STD = 0.02
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DecoderConfig:
-    """Architecture of the ViT decoder. BAT: 6 blocks at the encoder width, 12 heads, MLP ratio 4."""
+    """Architecture of the ViT decoder, built by ``SSLConfig.decoder`` from the SSL config (the recipe's
+    numbers: ``ssl.decoder_*`` in configs/pretrain/bat_base.py)."""
 
-    in_dim: int = 768  # width of the encoder tokens it reads and of the predictions it writes
-    dim: int | None = None  # decoder width; None: in_dim (BAT, no input projection)
-    depth: int = 6
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
+    in_dim: int  # width of the encoder tokens it reads and of the predictions it writes
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    use_gate: bool
+    eps: float  # LayerNorm epsilon
+    grid: tuple[int, int]  # token grid (time patches, frequency patches); tokens time-major
+    dim: int | None = None  # decoder width; None: in_dim (no input projection)
     qkv_bias: bool = True
-    use_gate: bool = True
-    eps: float = 1e-6  # LayerNorm epsilon
-    grid: tuple[int, int] = (64, 8)  # token grid (time patches, frequency patches); tokens time-major
     remat_policy: str = REMAT_NONE  # "none", "full" or a jax.checkpoint_policies name
     dtype: str = "float32"  # computation dtype
     param_dtype: str = "float32"
