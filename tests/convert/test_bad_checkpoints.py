@@ -5,6 +5,7 @@ and one line on stderr with exit status 1 through `bat-jax convert` (no tracebac
 """
 
 import json
+import subprocess
 import sys
 
 import jax
@@ -286,3 +287,19 @@ def test_convert_cli_config_json_error_is_one_line(tmp_path, bat_dir, bat_state,
     (folder / "config.json").write_text(json.dumps({"hidden_size": 64}))
     rc, out, err = _convert([folder, tmp_path / "out"], capsys)
     _assert_one_line_error(rc, out, err, str(folder / "config.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["truncated_safetensors", "damaged_own"])
+def test_convert_command_prints_one_line_without_traceback(
+    tmp_path, bat_dir, bat_state, own_checkpoint, case
+):
+    # The installed command as a user runs it: nothing else (Orbax/TensorStore threads, logging) on stderr.
+    src = _bad_inputs(tmp_path, bat_dir, bat_state, own_checkpoint)[case]()
+    proc = subprocess.run(
+        [sys.executable, "-m", "bat_jax.cli", "convert", str(src), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    _assert_one_line_error(proc.returncode, proc.stdout, proc.stderr, str(src))
