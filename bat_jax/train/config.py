@@ -120,10 +120,14 @@ def ssl_config(cfg: ml_collections.ConfigDict) -> SSLConfig:
 
 
 def optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """make_optimizer(**cfg.optim): every argument named in the config."""
+    """make_optimizer(**cfg.optim, total_steps=cfg.train.steps): every argument named in the config; the
+    schedule's length is the run's length, cfg.train.steps (its one home)."""
     optim = dict(cfg.optim)
-    _check_keys("optim", optim, *_required_and_allowed_args(make_optimizer))
-    return make_optimizer(**optim)
+    required, allowed = _required_and_allowed_args(make_optimizer)
+    _check_keys("optim", optim, required - {"total_steps"}, allowed - {"total_steps"})
+    if "train" not in cfg or "steps" not in cfg.train:
+        raise ValueError(f"config ({_WHERE}): expected train.steps (the run's length), found none")
+    return make_optimizer(**optim, total_steps=int(cfg.train.steps))
 
 
 def loader_kwargs(cfg: ml_collections.ConfigDict) -> dict[str, Any]:

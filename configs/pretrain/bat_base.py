@@ -43,11 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.ssl.ema_end = 0.99999  # ... to this ...
     c.ssl.ema_warmup_steps = 100_000  # ... over the first 100k updates, then constant
 
-    # AdamW + linear warm-up + cosine (bat_jax.train.step.make_optimizer arguments).
+    # AdamW + linear warm-up + cosine (bat_jax.train.step.make_optimizer arguments; total_steps = train.steps).
     c.optim = ml_collections.ConfigDict()
     c.optim.peak_lr = 5e-4
     c.optim.warmup_steps = 53_000  # configs/ssl.yaml of the reference; the paper text says 50k
-    c.optim.total_steps = 400_000  # the length of the run too: the schedule ends there
     c.optim.end_lr = 1e-6
     c.optim.b1 = 0.9
     c.optim.b2 = 0.95
@@ -62,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.seed = 0
 
     c.train = ml_collections.ConfigDict()
+    c.train.steps = 400_000  # the run's length; the learning-rate schedule ends here too
     c.train.seed = 0
     c.train.log_every = 100
     c.train.checkpoint_every = 5_000

@@ -17,10 +17,10 @@ def get_config():
     c.ssl.decoder_heads = 4
     c.optim.peak_lr = 1e-3
     c.optim.warmup_steps = 20
-    c.optim.total_steps = 200
     c.data.root = "data/demo"
     c.data.global_batch_size = 8
     c.data.worker_count = 0
+    c.train.steps = 200
     c.train.log_every = 10
     c.train.checkpoint_every = 100
     return c
