@@ -15,6 +15,7 @@ import sys
 SUBCOMMANDS = {
     "prepare": "bat_jax.data.prepare.cli",
     "convert": "bat_jax.convert.cli",
+    "verify": "bat_jax.data.verify",
 }
 
 
