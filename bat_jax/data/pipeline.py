@@ -32,7 +32,7 @@ Pretraining, `make_pretrain_loader` (a `PretrainLoader`):
     instead (1024 frames). Shorter clips are zero-padded at the end (0 is the minimum after the min-max
     normalisation, as in the reference).
   * Randomness: the epoch order is Grain's `shuffle` seeded by (seed, process) and the epoch, and each
-    record's roll by (seed, epoch, record) (`transforms.record_rng`), so the pipeline is reproducible,
+    record's roll by (seed, epoch, record) (`transforms.record_offset`), so the pipeline is reproducible,
     resumable, and a record's roll in an epoch does not depend on the worker count.
   * `get_state() -> bytes` / `set_state(bytes)` checkpoint the iterator (JSON, restoring continues the
     exact same batches; the restoring loader needs the same shards, seed, batch size and worker count).

@@ -121,11 +121,21 @@ def test_pretrain_reshuffles_each_epoch_and_keys_rolls_by_seed_epoch_and_record(
     for position, batch in enumerate(batches):
         record, epoch = int(batch["clip_index"][0]), position // 11
         clip = clips[record]
-        offset = int(transforms.record_rng(4, epoch, record).integers(clip.num_frames))
+        offset = transforms.record_offset(4, epoch, record, clip.num_frames)
         expected = np.roll(clip.spec[: clip.num_frames], offset, axis=0).astype(np.float32)
         np.testing.assert_array_equal(batch["spec"][0, : clip.num_frames], expected)
-    draws = {transforms.record_rng(4, e, r).integers(2**31) for e in range(3) for r in range(11, 22)}
-    assert len(draws) == 33, "every (epoch, record) pair draws its own roll"
+    assert len({tuple(b["spec"][0, 0].tolist()) for b in batches[:11]}) > 5  # rolled: varied first frames
+
+
+def test_record_offsets_are_uniform_and_differ_by_seed_epoch_and_record():
+    offsets = np.array([transforms.record_offset(3, 0, record, 10) for record in range(20_000)])
+    counts = np.bincount(offsets, minlength=10)
+    assert offsets.min() == 0 and offsets.max() == 9
+    chi2 = float(((counts - 2_000) ** 2 / 2_000).sum())
+    assert chi2 < 27.9, f"expected uniform offsets (chi2 < 27.9, p = 0.001 at 9 dof), found {counts}"
+    wide = [transforms.record_offset(3, e, r, 2**40) for e in range(3) for r in range(100)]
+    wide += [transforms.record_offset(s, 0, r, 2**40) for s in (4, 5) for r in range(100)]
+    assert len(set(wide)) == 500, "every (seed, epoch, record) key draws its own offset"
 
 
 def test_pretrain_roll_keeps_values_and_padding_at_the_end(dataset):
