@@ -13,6 +13,8 @@ parameter tree that disagrees with the config, or a NaN/Inf value is a `Checkpoi
 from __future__ import annotations
 
 import json
+import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +124,7 @@ def load_own(folder: Path, meta: dict[str, Any]) -> tuple[EncoderConfig, Any]:
         with ocp.StandardCheckpointer() as checkpointer:  # closed even when the restore fails
             params = checkpointer.restore(params_dir)
     except Exception as e:  # Orbax / TensorStore raise many types for a damaged folder
+        _drop_undeliverable_reads()
         raise CheckpointError(
             f"{params_dir}: cannot restore the Orbax params checkpoint ({type(e).__name__}: {one_line(e)}); "
             "the folder is incomplete or damaged: convert the source checkpoint again"
@@ -130,3 +133,28 @@ def load_own(folder: Path, meta: dict[str, Any]) -> tuple[EncoderConfig, Any]:
     check_tree(params, unbox(abstract_params(config)), str(params_dir))
     check_finite(_flat(params), str(params_dir))
     return config, params
+
+
+def _is_undeliverable_read(unraisable: Any) -> bool:
+    """RuntimeError('Event loop is closed') raised by asyncio's call_soon_threadsafe."""
+    exc = unraisable.exc_value
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+        return False
+    return any(frame.name == "call_soon_threadsafe" for frame in traceback.extract_tb(exc.__traceback__))
+
+
+def _drop_undeliverable_reads() -> None:
+    """After a failed Orbax restore, TensorStore reads still in flight finish later and hand their result
+    to Orbax's event loop, already closed: each prints a RuntimeError('Event loop is closed') traceback
+    through sys.unraisablehook, possibly after our one-line error. Those results have no reader; drop
+    exactly these reports (every other one still reaches the previous hook). Installed once."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_undeliverable_reads", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not _is_undeliverable_read(unraisable):
+            previous(unraisable)
+
+    hook.drops_undeliverable_reads = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
