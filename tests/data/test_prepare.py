@@ -79,6 +79,9 @@ def test_help_explains_sources_outputs_and_examples(capsys):
         "num_frames",
         "--clip-seconds",
         "speech_commands",
+        "sha256",
+        "bat-jax verify OUT",
+        "exit status 130",
     ):
         assert phrase in text
 

@@ -61,9 +61,11 @@ what is written (--out OUT):
         spec float16 [frames, 128], num_frames (true length; zero padding follows), clip_id
         (relative path, TFDS name/split/index or synthetic id), labels (class indices)
   OUT/manifest.json   format version, front-end name and all its parameters, sample rate, clip handling,
-        label_vocabulary, per split: clips, skipped, frames, hours and the shard list; every skipped input
-        with its reason; the command line, bat-jax version and timing
-  OUT/.progress/      per-shard completion records, used to resume
+        label_vocabulary, per split: clips, skipped, notes, frames, hours and the shard list (path, records,
+        bytes, sha256); every skipped input with its reason; notes on kept inputs (e.g. a truncated WAV:
+        frames read vs header); the command line, bat-jax version and timing
+  OUT/.progress/      per-shard completion records (records, bytes, sha256), used to resume
+  `bat-jax verify OUT` checks a prepared folder: checksums, every record, counts against the manifest
 
 front-ends (--frontend):
   bat    (default) BAT log-mel (bat_jax.audio.logmel): 1024-point STFT, hop 160, 128 HTK mels, dB with an
@@ -79,7 +81,10 @@ clip length (--clip-seconds N): a clip longer than N s is cut to its first N s b
 robustness: unreadable, corrupt, empty and too-short inputs are skipped, listed in the manifest with their
   reason and counted in the summary; the exit status is 1 only when nothing was written, or with --strict
   when anything was skipped. Output is deterministic (sorted inputs, fixed shard ranges, records in input
-  order whatever the worker count). Rerunning an interrupted command writes only the missing shards.
+  order whatever the worker count). Rerunning an interrupted command writes only the missing shards, and
+  recomputes a finished shard whose size or sha256 no longer matches its record (the summary names it).
+  Ctrl-C (SIGINT) stops between two clips with exit status 130: finished shards are kept, the shard being
+  written is dropped; run the same command again to finish.
   An output made with other settings is refused unless --overwrite. Separate runs may add splits to the
   same OUT when the front-end, clip handling and label vocabulary agree (a folder run reuses the
   vocabulary of an existing OUT).
