@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bat_jax.models import config as C
-from bat_jax.models.encoder import Encoder, abstract_params, param_count
+from bat_jax.models.encoder import FrozenEncoder, abstract_params, param_count
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = C.PRESETS[args.preset](dtype=args.dtype, param_dtype=args.dtype)
     n_params = param_count(abstract_params(cfg))  # shapes only (eval_shape), nothing allocated
     t0 = time.perf_counter()
-    enc = Encoder.random(cfg, seed=0)  # one jitted init
+    enc = FrozenEncoder.random(cfg, seed=0)  # one jitted init
     jax.block_until_ready(enc.params)
     init_s = time.perf_counter() - t0
 

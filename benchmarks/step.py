@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bat_jax.models import bat_ssl
+from bat_jax.models import ssl_objective
 from bat_jax.models.encoder import param_count
 from bat_jax.models.masking import num_kept
 from bat_jax.train import config as train_config
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_config(size: str, args: argparse.Namespace) -> bat_ssl.SSLConfig:
+def make_config(size: str, args: argparse.Namespace) -> ssl_objective.SSLConfig:
     """The config's SSLConfig with the benchmark's dtype and remat policy, and the views and frames asked
     for (by default bat_base's for both sizes, so that tiny and BAT-B run the same masking workload)."""
     paper = train_config.ssl_preset("bat_base")
@@ -72,7 +72,7 @@ def block_flops(n: int, d: int, mlp: int, gate: bool) -> int:
     return 2 * n * dense + 4 * n * n * d
 
 
-def analytic_flops(cfg: bat_ssl.SSLConfig, batch: int) -> dict[str, float]:
+def analytic_flops(cfg: ssl_objective.SSLConfig, batch: int) -> dict[str, float]:
     enc, dec = cfg.encoder, cfg.decoder
     n, k, rows = cfg.num_patches, num_kept(cfg.num_patches, cfg.mask_ratio), batch * cfg.num_views
     patch_area = enc.patch_size[0] * enc.patch_size[1]
@@ -151,7 +151,7 @@ def bench(size: str, args: argparse.Namespace, peak: float | None) -> dict:
     counted = xla_flops(compiled)
     result = {
         "size": size,
-        "params_student": param_count(bat_ssl.abstract_params(cfg)),
+        "params_student": param_count(ssl_objective.abstract_params(cfg)),
         "batch_clips": args.batch,
         "views": cfg.num_views,
         "frames": cfg.frames,

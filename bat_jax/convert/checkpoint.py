@@ -24,7 +24,7 @@ import numpy as np
 from bat_jax.convert.errors import CheckpointError, one_line
 from bat_jax.convert.mapping import check_finite
 from bat_jax.models.config import EncoderConfig
-from bat_jax.models.encoder import Encoder, abstract_params, unbox
+from bat_jax.models.encoder import FrozenEncoder, abstract_params, unbox
 
 FORMAT = "bat-jax-encoder"
 FORMAT_VERSION = 1
@@ -51,7 +51,7 @@ def read_own_config(folder: Path) -> dict[str, Any] | None:
 
 
 def save_encoder(
-    encoder: Encoder, out: str | Path, *, source: str | None = None, overwrite: bool = False
+    encoder: FrozenEncoder, out: str | Path, *, source: str | None = None, overwrite: bool = False
 ) -> Path:
     """Write `encoder` to the folder `out` (see module docstring); returns the folder."""
     out = Path(out).absolute()

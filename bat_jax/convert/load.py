@@ -12,7 +12,7 @@ import numpy as np
 from bat_jax.convert import checkpoint, mapping, sources
 from bat_jax.convert.errors import CheckpointError
 from bat_jax.models.config import EncoderConfig
-from bat_jax.models.encoder import Encoder
+from bat_jax.models.encoder import FrozenEncoder
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
 ACCEPTED = (
@@ -86,7 +86,9 @@ def load_weights(path: str | Path, *, num_heads: int | None = None) -> tuple[Enc
     return config, params, src.kind
 
 
-def load_encoder(path: str | Path, *, num_heads: int | None = None, dtype: Any = jnp.float32) -> Encoder:
+def load_encoder(
+    path: str | Path, *, num_heads: int | None = None, dtype: Any = jnp.float32
+) -> FrozenEncoder:
     """Load a frozen encoder from any supported checkpoint.
 
     Accepted: a Hugging Face BAT folder or `model.safetensors` (+ sibling `config.json`), a BAT `.pt`
@@ -99,4 +101,4 @@ def load_encoder(path: str | Path, *, num_heads: int | None = None, dtype: Any =
     name = jnp.dtype(dtype).name
     config = config.replace(dtype=name, param_dtype=name)
     params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x), name), params)
-    return Encoder(config, params)
+    return FrozenEncoder(config, params)

@@ -22,9 +22,9 @@ from bat_jax.convert.mapping import (
     import_reference_state,
     reference_key_map,
 )
-from bat_jax.models.bat_ssl import SSLConfig
 from bat_jax.models.config import EncoderConfig
 from bat_jax.models.decoder import DecoderConfig
+from bat_jax.models.ssl_objective import SSLConfig
 
 
 def _block_key_map(config: DecoderConfig) -> dict[str, Target]:
@@ -67,7 +67,7 @@ def ssl_params_from_reference(
     state: Mapping[str, np.ndarray], config: SSLConfig, where: str
 ) -> dict[str, Any]:
     """The reference student's tensors (``encoder.*``, ``decoder.*``; numpy) → plain float32 numpy params
-    ``{"encoder", "decoder"}`` for `bat_jax.models.bat_ssl`. Strict: missing, unexpected, misshapen or
+    ``{"encoder", "decoder"}`` for `bat_jax.models.ssl_objective`. Strict: missing, unexpected, misshapen or
     non-finite tensors raise CheckpointError."""
     parts: dict[str, dict[str, np.ndarray]] = {"encoder": {}, "decoder": {}}
     stray = []

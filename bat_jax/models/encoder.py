@@ -21,7 +21,7 @@ Blocks are a Python loop over depth rather than `nn.scan`: every block's output 
 weight import stays a plain key map, and regex rules on parameter paths (layer-wise lr decay, frozen
 layers) keep working. jit compiles the loop once; `remat_policy` trades memory for recompute.
 
-`Encoder` wraps a config and (unboxed) params: `enc(spec)` jits the apply once per input shape.
+`FrozenEncoder` wraps a config and (unboxed) params: `enc(spec)` jits the apply once per input shape.
 """
 
 from __future__ import annotations
@@ -224,13 +224,14 @@ def param_count(params: Any) -> int:
 
 @functools.lru_cache(maxsize=32)
 def jitted_apply(config: EncoderConfig) -> Callable[[Any, Array], EncoderOutput]:
-    """`jit(params, spec) -> EncoderOutput` for `config`, shared by every `Encoder` with an equal config."""
+    """`jit(params, spec) -> EncoderOutput` for `config`, shared by every `FrozenEncoder` with an equal
+    config."""
     module = BatEncoder(config)
     return jax.jit(lambda params, spec: module.apply({"params": params}, spec))
 
 
 @dataclasses.dataclass(eq=False)
-class Encoder:
+class FrozenEncoder:
     """A frozen encoder: `config` + plain `params`; `enc(spec)` → EncoderOutput.
 
     `spec` is numpy or jax, [B, T, n_mels] or [T, n_mels] (a batch of one is added), T a multiple of 16.
@@ -247,7 +248,7 @@ class Encoder:
         self._forward = jitted_apply(self.config)
 
     @classmethod
-    def random(cls, config: EncoderConfig, seed: int = 0, *, rng: Array | None = None) -> Encoder:
+    def random(cls, config: EncoderConfig, seed: int = 0, *, rng: Array | None = None) -> FrozenEncoder:
         """An encoder with random (initial) weights, from `rng` or else `jax.random.key(seed)`."""
         return cls(config, init_params(config, jax.random.key(seed) if rng is None else rng))
 

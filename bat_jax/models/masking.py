@@ -14,7 +14,7 @@ a uniform random choice inside each group: the same distribution as the referenc
 
 Shapes are static (N, K and the number of centres are Python integers), so a jitted step never recompiles
 for a new key. Three levels, every number an argument (the recipe's are ``ssl.mask_*`` in
-configs/pretrain/bat_base.py, passed on by ``bat_jax.models.bat_ssl``)::
+configs/pretrain/bat_base.py, passed on by ``bat_jax.models.ssl_objective``)::
 
     draw_view_mask(key, grid, mask_ratio, block, adjust)                   # one view:  [N], [K]
     draw_clip_masks(key, V, grid, mask_ratio, block, adjust)               # one clip:  [V, N], [V, K]

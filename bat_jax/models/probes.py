@@ -377,11 +377,12 @@ def dummy_inputs(probe: _Probe, batch: int = 1, time_patches: int = 1, freq_patc
     return cls, patches
 
 
-def init_params(probe: _Probe, rng: Array, *, boxed: bool = False) -> dict[str, Any]:
-    """Fresh parameters (the inner "params" dict). boxed=True keeps the nn.Partitioned logical-axis
-    metadata (for ``nn.get_partition_spec`` / ``nn.logical_to_mesh_sharding``)."""
+def init_params(probe: _Probe, rng: Array) -> dict[str, Any]:
+    """Fresh parameters (the inner "params" dict), boxed with their logical axis names (``nn.Partitioned``,
+    for ``nn.get_partition_spec`` / ``nn.logical_to_mesh_sharding``), as every ``init_params`` in
+    bat_jax.models; ``bat_jax.models.unbox`` gives plain arrays."""
     variables = jax.jit(probe.init)(rng, *dummy_inputs(probe))
-    return variables["params"] if boxed else nn.unbox(variables["params"])
+    return variables["params"]
 
 
 def param_logical_axes(probe: _Probe) -> dict[str, Any]:

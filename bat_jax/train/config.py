@@ -27,8 +27,8 @@ from typing import Any
 import ml_collections
 import optax
 
-from bat_jax.models.bat_ssl import SSLConfig
 from bat_jax.models.config import PRESETS, EncoderConfig
+from bat_jax.models.ssl_objective import SSLConfig
 from bat_jax.train.step import make_optimizer
 
 _WHERE = "bat_jax/train/config.py"

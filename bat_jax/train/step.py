@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bat_jax.models.bat_ssl import SSLConfig, bat_ssl_loss, init_params
+from bat_jax.models.ema import ema_decay, ema_update
 from bat_jax.models.encoder import unbox
-from bat_jax.models.ssl import ema_decay, ema_update
+from bat_jax.models.ssl_objective import SSLConfig, bat_ssl_loss, init_params
 
 Array = jax.Array
 PyTree = Any

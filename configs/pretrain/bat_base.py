@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.encoder.preset = "bat_base"  # 768 wide, 12 blocks, 12 heads, gated attention, post-norm
     c.encoder.overrides = ml_collections.ConfigDict({"dtype": "bfloat16", "remat_policy": "none"})
 
-    # Self-supervised objective: bat_jax.models.bat_ssl.SSLConfig fields.
+    # Self-supervised objective: bat_jax.models.ssl_objective.SSLConfig fields.
     c.ssl = ml_collections.ConfigDict()
     c.ssl.num_views = 16
     c.ssl.mask_ratio = 0.8  # 102 of 512 patches kept per view

@@ -1,6 +1,7 @@
 """Reference (PyTorch) layouts other than the encoder's: the SSL student + decoder, the probe heads and
-the HF config.json. Parity through these imports is tested with the models (tests/models/test_bat_ssl.py,
-tests/models/test_probes.py); here: strictness, non-finite values and errors."""
+the HF config.json. Parity through these imports is tested with the models
+(tests/models/test_ssl_objective.py, tests/models/test_probes.py); here: strictness, non-finite values and
+errors."""
 
 import json
 
@@ -39,7 +40,7 @@ def _ref_arrays(heads, name):
 
 
 # ----------------------------------------------------------------------------------------------------
-# SSL student (moved from tests/models/test_bat_ssl.py)
+# SSL student (moved from tests/models/test_ssl_objective.py)
 
 
 def test_params_from_reference_is_strict(ssl_state):

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 from bat_jax.models import config as C
 from bat_jax.models.encoder import (
     BatEncoder,
-    Encoder,
+    FrozenEncoder,
     abstract_params,
     init_params,
     logical_axes,
@@ -140,7 +140,7 @@ def key(seed=0):
 
 @pytest.fixture(scope="module")
 def tiny_enc():
-    return Encoder.random(C.tiny(), rng=key())
+    return FrozenEncoder.random(C.tiny(), rng=key())
 
 
 def test_shapes_errors_and_unbatched_input(tiny_enc):
@@ -159,7 +159,7 @@ def test_shapes_errors_and_unbatched_input(tiny_enc):
 
 def test_chunks_are_encoded_independently(tiny_enc):
     # 5 time patches with chunks of 2 → [2, 2, 1]: CLS averaged over the 3 chunks, patches concatenated.
-    chunked = Encoder(C.tiny(chunk_time_patches=2), tiny_enc.params)
+    chunked = FrozenEncoder(C.tiny(chunk_time_patches=2), tiny_enc.params)
     x = spec(2, 80, seed=4)
     out = chunked(x)
     parts = [tiny_enc(x[:, a:b]) for a, b in ((0, 32), (32, 64), (64, 80))]  # each shorter than one chunk
@@ -235,6 +235,6 @@ def test_init_and_apply_on_a_mesh(tiny_enc):
         x = jax.device_put(spec(8, 32), NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
         out = jax.jit(lambda p, s: BatEncoder(cfg).apply({"params": p}, s))(params, x)
     # Same outputs as without a mesh: sharding changes the layout, not the numbers.
-    want = Encoder(cfg, jax.device_get(params))(np.asarray(x)[:2])
+    want = FrozenEncoder(cfg, jax.device_get(params))(np.asarray(x)[:2])
     np.testing.assert_allclose(out.cls[:, :2], want.cls, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out.patches[:, :2], want.patches, rtol=1e-5, atol=1e-5)

@@ -62,7 +62,7 @@ def _reference_probe(heads, name, **kw):
 def _random_params(probe, seed=0):
     """Random parameters of the probe's shapes, drawn in numpy (no init compile: keeps tests fast)."""
     rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda: probes.init_params(probe, jax.random.key(0)))
+    shapes = jax.eval_shape(lambda: nn.unbox(probes.init_params(probe, jax.random.key(0))))
     return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.normal(size=s.shape), jnp.float32), shapes)
 
 
@@ -161,7 +161,7 @@ def test_gates_init_equal_sum_to_one_and_readable(name, init_value):
     probe = probes.make_probe(
         name, num_classes=3, num_layers=5, dim=8, **({} if name == "lcgp" else {"num_prototypes": 4})
     )
-    boxed = {"params": probes.init_params(probe, _key(1), boxed=True)}
+    boxed = {"params": probes.init_params(probe, _key(1))}
     assert isinstance(boxed["params"]["gate_logits"], nn.Partitioned)
     params = nn.unbox(boxed["params"])
     assert params["gate_logits"].shape == (5,)
@@ -306,7 +306,7 @@ def test_cgp_trains_and_gate_moves_to_informative_layer():
 
     @jax.jit
     def train(key):
-        params = probes.init_params(probe, key)
+        params = nn.unbox(probes.init_params(probe, key))
 
         def step(i, state):
             params, opt_state = state

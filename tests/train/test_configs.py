@@ -8,9 +8,9 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from bat_jax.data import pipeline, records
-from bat_jax.models.bat_ssl import SSLConfig, check_batch
+from bat_jax.models.ema import ema_decay
 from bat_jax.models.masking import num_centres, num_kept
-from bat_jax.models.ssl import ema_decay
+from bat_jax.models.ssl_objective import SSLConfig, check_batch
 from bat_jax.train import config as train_config
 from bat_jax.train.step import lr_schedule, make_optimizer
 
@@ -76,7 +76,9 @@ def test_bat_base_schedules_follow_the_config():
     at the floor at the end of the run; the EMA decay ramps from ema_start to ema_end."""
     cfg = train_config.pretrain_config("bat_base")
     ssl, optim = train_config.ssl_config(cfg), cfg.optim
-    lr = lr_schedule(**{k: optim[k] for k in ("peak_lr", "warmup_steps", "end_lr")}, total_steps=cfg.train.steps)
+    lr = lr_schedule(
+        **{k: optim[k] for k in ("peak_lr", "warmup_steps", "end_lr")}, total_steps=cfg.train.steps
+    )
     assert float(lr(0)) == pytest.approx(1e-6, rel=1e-5)
     assert float(lr(53_000)) == pytest.approx(5e-4, rel=1e-5)
     assert float(lr(400_000)) == pytest.approx(1e-6, rel=1e-5)

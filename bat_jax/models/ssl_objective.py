@@ -35,11 +35,11 @@ from bat_jax.models.encoder import BatEncoder
 from bat_jax.models.encoder import init_params as init_encoder_params
 from bat_jax.models.layers import Mlp
 from bat_jax.models.masking import draw_batch_masks
-from bat_jax.models.ssl import pred_var, ssl_losses, ssl_targets, target_var
+from bat_jax.models.ssl_losses import pred_var, ssl_losses, ssl_targets, target_var
 
 Array = jax.Array
 PyTree = Any
-_WHERE = "bat_jax/models/bat_ssl.py"
+_WHERE = "bat_jax/models/ssl_objective.py"
 
 TARGET_EOB = "eob"  # end-of-block outputs (BAT)
 TARGET_FFN = "ffn"  # MLP outputs before the residual add (data2vec 2.0 / EAT)
@@ -255,7 +255,7 @@ def bat_ssl_loss_with_masks(
     return metrics["loss"], metrics
 
 
-def draw_masks(key: Array, batch_size: int, config: SSLConfig) -> tuple[Array, Array]:
+def draw_student_masks(key: Array, batch_size: int, config: SSLConfig) -> tuple[Array, Array]:
     """``masking.draw_batch_masks`` with the config's numbers: ``batch_size`` clips × V views, mask
     [B·V, N] bool, ids_keep [B·V, K] int32 (rows clip-major)."""
     out = draw_batch_masks(
@@ -278,5 +278,5 @@ def bat_ssl_loss(
     Returns (loss float32, metrics {loss, global_loss, local_loss, target_var, pred_var}); differentiate
     with respect to ``params`` (the teacher is under stop_gradient)."""
     check_batch(spec, config)
-    mask, ids_keep = draw_masks(key, spec.shape[0], config)
+    mask, ids_keep = draw_student_masks(key, spec.shape[0], config)
     return bat_ssl_loss_with_masks(params, teacher_params, spec, mask, ids_keep, config)

@@ -16,10 +16,10 @@ import pytest
 from safetensors.numpy import load_file
 
 from bat_jax.convert.ssl import ssl_params_from_reference
-from bat_jax.models import bat_ssl
+from bat_jax.models import ssl_objective
+from bat_jax.models.ema import ema_decay
 from bat_jax.models.encoder import BatEncoder
 from bat_jax.models.layers import GatedAttention, Mlp, layer_norm
-from bat_jax.models.ssl import ema_decay
 from bat_jax.train import step as train
 from bat_jax.train.config import pretrain_config, ssl_preset
 
@@ -51,9 +51,9 @@ def case(golden_dir):
 @jax.jit
 def _reference_pass(params, teacher, spec, mask, ids_keep):
     cfg = ssl_tiny()
-    _, metrics = bat_ssl.bat_ssl_loss_with_masks(params, teacher, spec, mask, ids_keep, cfg)
-    cls, pred = bat_ssl.student_forward(params, spec, ids_keep, cfg)
-    return metrics, cls, pred, bat_ssl.teacher_targets(teacher, spec, cfg)
+    _, metrics = ssl_objective.bat_ssl_loss_with_masks(params, teacher, spec, mask, ids_keep, cfg)
+    cls, pred = ssl_objective.student_forward(params, spec, ids_keep, cfg)
+    return metrics, cls, pred, ssl_objective.teacher_targets(teacher, spec, cfg)
 
 
 def test_student_decoder_teacher_and_losses_match_reference(case):
@@ -93,7 +93,7 @@ def _spec(key, batch=2, cfg=SMALL):
 def _random_like_init(config, seed):
     """Parameters with the tree and shapes of `init_params` (taken with eval_shape, nothing compiled: XLA
     compiles random initialisers slowly on a CPU), filled with numpy noise; LayerNorm scales around 1."""
-    shapes = nn.meta.unbox(bat_ssl.abstract_params(config))
+    shapes = nn.meta.unbox(ssl_objective.abstract_params(config))
     rng = np.random.default_rng(seed)
 
     def fill(path, leaf):
@@ -110,7 +110,7 @@ def small_params():
 
 def test_init_params_tree_matches_the_reference_layout(case):
     cfg = ssl_tiny()
-    init = nn.meta.unbox(bat_ssl.abstract_params(cfg))
+    init = nn.meta.unbox(ssl_objective.abstract_params(cfg))
     ref = ssl_params_from_reference(case["state"], cfg, "ssl_student.safetensors")
     assert jax.tree.structure(init) == jax.tree.structure(ref)
     assert jax.tree.map(lambda x: x.shape, init) == jax.tree.map(lambda x: x.shape, ref)
@@ -120,10 +120,10 @@ def test_init_params_tree_matches_the_reference_layout(case):
 def _ffn_layers_and_direct(params, spec):
     """The "ffn" teacher features and the same, computed block by block from the EOB outputs."""
     cfg = SMALL.replace(target="ffn")
-    ffn = bat_ssl.teacher_layer_outputs(params, spec, cfg)  # [L, B, N, D]
+    ffn = ssl_objective.teacher_layer_outputs(params, spec, cfg)  # [L, B, N, D]
 
     def hidden_states(module, spec):  # every block's output with CLS: [L, B, 1 + N, D]
-        return module.encode_sequence(bat_ssl._tokens_with_positions(module, spec))
+        return module.encode_sequence(ssl_objective._tokens_with_positions(module, spec))
 
     hidden = BatEncoder(cfg.encoder).apply({"params": params}, spec, method=hidden_states)
     enc = cfg.encoder
@@ -143,7 +143,7 @@ def test_ffn_target_is_the_mlp_output_before_the_residual(small_params):
 
 @jax.jit
 def _loss_and_grads(params, teacher, spec, key):
-    return jax.value_and_grad(bat_ssl.bat_ssl_loss, has_aux=True)(params, teacher, spec, key, SMALL)
+    return jax.value_and_grad(ssl_objective.bat_ssl_loss, has_aux=True)(params, teacher, spec, key, SMALL)
 
 
 def test_random_loss_and_gradients_are_finite_and_nonzero(small_params):
@@ -199,6 +199,6 @@ def test_config_errors_name_the_problem():
     with pytest.raises(ValueError, match="divisible"):
         ssl_tiny(decoder_heads=5)
     with pytest.raises(ValueError, match=r"spec \[batch, 64, 128\]"):
-        bat_ssl.check_batch(jnp.zeros((2, 32, 128)), SMALL)
+        ssl_objective.check_batch(jnp.zeros((2, 32, 128)), SMALL)
     with pytest.raises(ValueError, match="warmup_steps"):
         train.make_optimizer(**{**TINY_OPTIM, "warmup_steps": 10, "total_steps": 10})
