@@ -402,6 +402,56 @@ def _assert_done_shards_are_whole(out: Path) -> None:
         assert shards.count_records(shard) == done["num_records"]
 
 
+def _interrupting_loader(task):
+    """Every clip is kept; loading clip 2 (first of shard 1) sends SIGINT to this process, as Ctrl-C would."""
+    if task.index == 2 and not os.environ.get("NO_INTERRUPT"):
+        os.kill(os.getpid(), signal.SIGINT)
+    return np.sin(np.arange(3000 + 500 * task.index, dtype=np.float32) / 9.0), (task.index % 2,)
+
+
+def test_sigint_in_process_stops_between_clips_and_drops_the_open_shard(tmp_path, monkeypatch):
+    tasks = [sources.ClipTask(i, f"c{i}", f"c{i}.wav") for i in range(6)]
+    plan = sources.SourcePlan(
+        "custom",
+        {"kind": "custom"},
+        ["a", "b"],
+        [sources.SplitPlan("train", tasks, [], _interrupting_loader, "d6")],
+    )
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(plan, out, BAT, clips_per_shard=2, progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert [p.name for p in _done_files(out)] == ["train-00000-of-00003.arrayrecord" + shards.DONE_SUFFIX]
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["train-00000-of-00003.arrayrecord"]
+    assert not (out / "manifest.json").exists()
+    monkeypatch.setenv("NO_INTERRUPT", "1")
+    assert prepare.prepare(plan, out, BAT, clips_per_shard=2, progress=False).exit_status == 0
+    assert prepare.prepare(plan, tmp_path / "clean", BAT, clips_per_shard=2, progress=False).exit_status == 0
+    assert shard_files(out) == shard_files(tmp_path / "clean")
+
+
+def _children(pid: int) -> list[int]:
+    """Child process ids of `pid` (Linux /proc)."""
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _gone(pids: list[int], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
+        if not alive:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
 @pytest.mark.slow  # subprocesses that spawn worker processes
 def test_sigint_to_a_two_worker_prepare_stops_cleanly_every_time(tmp_path):
     out = tmp_path / "out"
@@ -414,8 +464,11 @@ def test_sigint_to_a_two_worker_prepare_stops_cleanly_every_time(tmp_path):
         while not _done_files(out) - before and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         assert proc.poll() is None, f"attempt {attempt}: the run ended before a new shard was done"
+        children = _children(proc.pid)  # the two workers (and multiprocessing's resource tracker)
+        assert len(children) >= 2
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=60)
+        assert _gone(children), f"attempt {attempt}: worker processes still alive"
         assert proc.returncode == 130, (attempt, stdout.decode(), stderr.decode())
         assert stderr.decode().strip().endswith("interrupted; run the same command again to finish")
         assert "Traceback" not in stderr.decode() and "Exception ignored" not in stderr.decode()

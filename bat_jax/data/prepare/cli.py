@@ -9,8 +9,8 @@ from pathlib import Path
 
 from bat_jax.data import shards, sources
 from bat_jax.data.prepare.frontend import FRONTENDS, Frontend
-from bat_jax.data.prepare.job import CLIPS_PER_SHARD, prepare
-from bat_jax.data.prepare.output import OutputError
+from bat_jax.data.prepare.job import CLIPS_PER_SHARD, prepare, stop_on_sigint
+from bat_jax.data.prepare.output import Interrupted, OutputError
 from bat_jax.data.prepare.summary import format_summary
 from bat_jax.data.prepare.workers import CLIPS_PER_DEFAULT_WORKER, MAX_DEFAULT_WORKERS, default_workers
 from bat_jax.data.sources import SourceError, SourcePlan
@@ -354,24 +354,29 @@ def plan_source(args: argparse.Namespace) -> SourcePlan:
 def run(args: argparse.Namespace) -> int:
     """The `bat-jax prepare` command: returns the exit status."""
     try:
-        frontend = Frontend.create(args.frontend, clip_seconds=args.clip_seconds)
-        plan = plan_source(args)
-        if not any(s.tasks or s.skipped for s in plan.splits):
-            where = (
-                f" under {args.input} (extensions {' '.join(sources.AUDIO_EXTENSIONS)})" if args.input else ""
+        with stop_on_sigint() as stop:  # Ctrl-C while listing inputs also ends in the message below
+            frontend = Frontend.create(args.frontend, clip_seconds=args.clip_seconds)
+            plan = plan_source(args)
+            if stop.is_set():
+                raise Interrupted()
+            if not any(s.tasks or s.skipped for s in plan.splits):
+                where = (
+                    f" under {args.input} (extensions {' '.join(sources.AUDIO_EXTENSIONS)})"
+                    if args.input
+                    else ""
+                )
+                raise SourceError(f"--source {args.source}: expected input clips, found none{where}")
+            result = prepare(
+                plan,
+                args.out,
+                frontend,
+                workers=args.workers or default_workers(sum(len(s.tasks) for s in plan.splits)),
+                clips_per_shard=args.clips_per_shard or CLIPS_PER_SHARD,
+                num_shards=args.num_shards,
+                overwrite=args.overwrite,
+                strict=args.strict,
+                progress=not args.no_progress,
             )
-            raise SourceError(f"--source {args.source}: expected input clips, found none{where}")
-        result = prepare(
-            plan,
-            args.out,
-            frontend,
-            workers=args.workers or default_workers(sum(len(s.tasks) for s in plan.splits)),
-            clips_per_shard=args.clips_per_shard or CLIPS_PER_SHARD,
-            num_shards=args.num_shards,
-            overwrite=args.overwrite,
-            strict=args.strict,
-            progress=not args.no_progress,
-        )
     except (SourceError, OutputError, ValueError, RuntimeError, OSError) as e:
         print(f"bat-jax prepare: error: {e}", file=sys.stderr)
         return 2

@@ -32,14 +32,20 @@ CLIPS_PER_SHARD = 1024
 SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # split names become folder and file names
 
 
+_STOPS: list[threading.Event] = []  # the Event of the stop_on_sigint block in force (outermost first)
+
+
 @contextlib.contextmanager
-def _stop_on_sigint():
-    """A threading.Event set by SIGINT while `prepare` runs (in the main thread; elsewhere never set).
+def stop_on_sigint():
+    """A threading.Event set by SIGINT while the block runs (in the main thread; elsewhere never set).
 
     The shard loop checks it between clips and stops cleanly (Interrupted), so an interrupt never lands inside
     a jit, a gc callback or the pool's machinery, where Python may swallow it ("Exception ignored in ...").
-    A second SIGINT raises KeyboardInterrupt at once.
+    A second SIGINT raises KeyboardInterrupt at once. Nested blocks share the outer block's Event.
     """
+    if _STOPS:
+        yield _STOPS[-1]
+        return
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
@@ -50,9 +56,11 @@ def _stop_on_sigint():
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     previous = signal.signal(signal.SIGINT, on_sigint)
+    _STOPS.append(stop)
     try:
         yield stop
     finally:
+        _STOPS.pop()
         signal.signal(signal.SIGINT, previous)
 
 
@@ -112,7 +120,9 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     runs: list[SplitRun] = []
     loaders = {s.name: s.loader for s in source.splits}
-    with _stop_on_sigint() as stop, shards.OutputLock(out):
+    with stop_on_sigint() as stop, shards.OutputLock(out):
+        if stop.is_set():  # before any work (an interrupt while the inputs were listed)
+            raise Interrupted()
         check_output(out, global_cfg, split_cfgs, overwrite)
         progress_dir = out / shards.PROGRESS_DIR
         shards.write_json(progress_dir / "global.json", global_cfg)
@@ -134,6 +144,10 @@ def prepare(
                 shards.write_json(
                     state_dir / "split.json", {**split_state, "seconds": time.time() - split_start}
                 )
+        if (
+            stop.is_set()
+        ):  # arrived after the last clip: still an interrupted run (the rerun writes the manifest)
+            raise Interrupted()
         seconds = time.time() - start
         computed = sum(r.clips_computed for r in runs)
         timing = {

@@ -215,16 +215,16 @@ def _split_entry(out: Path, split: str) -> dict | None:
                 "path": f"{split}/{name}",
                 "num_records": done["num_records"],
                 "bytes": done["bytes"],
-                "sha256": done["sha256"],
+                "sha256": done.get("sha256"),
             }
         )
         entry["num_clips"] += done["num_records"]
         entry["num_skipped"] += len(done["skipped"])
-        entry["num_notes"] += len(done["notes"])
+        entry["num_notes"] += len(done.get("notes", []))
         entry["total_frames"] += done["total_frames"]
         entry["num_samples"] += done["num_samples"]
         skipped += done["skipped"]
-        notes += done["notes"]
+        notes += done.get("notes", [])
         num_bytes += done["bytes"]
     entry["audio_hours"] = entry["num_samples"] / SAMPLE_RATE / 3600
     entry.update(
