@@ -81,7 +81,7 @@ class ShardSource(grain.sources.RandomAccessDataSource):
 
     def __init__(self, paths: Sequence[str]):
         self.paths = list(paths)
-        with ThreadPoolExecutor(min(OPEN_THREADS, len(self.paths))) as pool:
+        with ThreadPoolExecutor(max(1, min(OPEN_THREADS, len(self.paths)))) as pool:
             self._shards = list(pool.map(self._open, self.paths))
         counts = [len(shard) for shard in self._shards]
         self._starts = [0, *itertools.accumulate(counts)]  # record index of each shard's first record
