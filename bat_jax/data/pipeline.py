@@ -99,7 +99,7 @@ class PretrainLoader:
         paths: Sequence[str | Path],
         *,
         global_batch_size: int,
-        target_frames: int = 1024,
+        target_frames: int,
         frames_multiple: int = FRAMES_MULTIPLE,
         seed: int = 0,
         sharding: NamedSharding | None = None,

@@ -273,9 +273,11 @@ def test_batch_that_does_not_divide_fails_early(dataset):
     mesh = jax.make_mesh((8,), ("data",))
     sharding = NamedSharding(mesh, PartitionSpec("data"))
     with pytest.raises(ValueError, match="global batch size 12 does not divide over the 8 batch shards"):
-        pipeline.make_pretrain_loader(paths, global_batch_size=12, sharding=sharding)
+        pipeline.make_pretrain_loader(paths, global_batch_size=12, target_frames=16, sharding=sharding)
     with pytest.raises(ValueError, match="global batch size 5 does not divide over 2 processes"):
-        pipeline.make_pretrain_loader(paths, global_batch_size=5, process_index=0, process_count=2)
+        pipeline.make_pretrain_loader(
+            paths, global_batch_size=5, target_frames=16, process_index=0, process_count=2
+        )
     with pytest.raises(ValueError, match="global batch size 10 does not divide over 3 processes"):
         pipeline.make_eval_loader(
             paths, global_batch_size=10, target_frames=16, process_index=0, process_count=3
