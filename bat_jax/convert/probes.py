@@ -4,8 +4,8 @@
 
 ``arrays``: the head's state dict as numpy (``prototype_vectors`` [K, D, 1, 1], ``block_attention`` [L],
 ``fc.weight`` [C, in], ``fc.bias`` [C], optional ``ln.weight`` / ``ln.bias``, the H2T ``group_scale`` buffer,
-which is recomputed and ignored). Missing or unknown keys raise KeyError; a wrong shape or a NaN/Inf value
-raises CheckpointError (a ValueError) naming the key, in the reference's layout.
+which is recomputed and ignored). Every error (an unknown probe, missing or unknown keys, a wrong shape, a
+NaN/Inf value) is a CheckpointError (a ValueError) naming the key, in the reference's layout.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bat_jax.convert.errors import CheckpointError
 from bat_jax.convert.mapping import check_finite, place
+from bat_jax.models.encoder import unbox
 from bat_jax.models.probes import PROBE_NAMES
 
 _WHERE = "bat_jax/convert/probes.py"
@@ -70,7 +70,7 @@ def probe_params_from_reference(
     """
     who = f"{where or 'probe_params_from_reference'} ({_WHERE})"
     if name not in PROBE_NAMES:
-        raise ValueError(f"{who}: unknown probe {name!r}, expected one of {PROBE_NAMES}")
+        raise CheckpointError(f"{who}: unknown probe {name!r}, expected one of {PROBE_NAMES}")
     family = "cgp" if name.startswith("cgp") else name
     found = {k[len(prefix) :]: np.asarray(v) for k, v in arrays.items() if k.startswith(prefix)}
     required = _REF_REQUIRED[family]
@@ -78,12 +78,12 @@ def probe_params_from_reference(
     missing = sorted(required - set(found))
     unknown = sorted(set(found) - required - optional)
     if missing or unknown:
-        raise KeyError(
+        raise CheckpointError(
             f"{who}: {name!r} expects keys {sorted(required)} (optional {sorted(optional)}); "
             f"missing {missing}, unexpected {unknown}"
         )
     if len(_REF_NORM & set(found)) == 1:
-        raise KeyError(f"{who}: {name!r} needs both ln.weight and ln.bias, or neither")
+        raise CheckpointError(f"{who}: {name!r} needs both ln.weight and ln.bias, or neither")
     check_finite({prefix + k: v for k, v in found.items() if k not in _REF_BUFFERS}, who)
 
     converted: dict[tuple[str, ...], np.ndarray] = {}
@@ -103,10 +103,10 @@ def probe_params_from_reference(
     if like is not None:
         flat_like = {
             tuple(getattr(k, "key", k) for k in path): leaf.shape
-            for path, leaf in jax.tree_util.tree_leaves_with_path(_unbox(like))
+            for path, leaf in jax.tree_util.tree_leaves_with_path(_without_params_key(unbox(like)))
         }
         if set(flat_like) != set(converted):
-            raise KeyError(
+            raise CheckpointError(
                 f"{who}: {name!r} converts to params {sorted(converted)}, the probe has {sorted(flat_like)} "
                 "(LayerNorm present in one and not the other?)"
             )
@@ -125,9 +125,8 @@ def probe_params_from_reference(
     return params
 
 
-def _unbox(params: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Plain arrays (or shape structs) of boxed params, with or without the outer "params" key."""
-    params = nn.unbox(params)
+def _without_params_key(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Params with or without the outer "params" key (of `init_params` / `model.init`), as the inner tree."""
     return params["params"] if "params" in params else params
 
 

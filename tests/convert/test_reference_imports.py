@@ -93,10 +93,27 @@ def test_from_reference_errors_name_key_and_shapes(heads):
     like = jax.eval_shape(lambda: probes.init_params(probe, jax.random.key(0)))
     with pytest.raises(ValueError, match=r"'block_attention'.*\(3,\).*\(4,\)"):
         probe_params_from_reference("cgp", arrays, like=like)
-    with pytest.raises(KeyError, match="missing \\['prototype_vectors'\\]"):
+    with pytest.raises(CheckpointError, match="missing \\['prototype_vectors'\\]"):
         probe_params_from_reference("protobin", {k: v for k, v in arrays.items() if k != "prototype_vectors"})
     prefixed = {"head." + k: v for k, v in _ref_arrays(heads, "lp").items()}
     assert set(probe_params_from_reference("lp", prefixed, prefix="head.")) == {"fc", "ln"}
+
+
+def test_probe_import_key_errors_are_checkpoint_errors_on_one_plain_line(heads):
+    # Every probe-import error is a CheckpointError (not a KeyError, whose str() is quoted).
+    lp = _ref_arrays(heads, "lp")
+    cases = [  # (name, arrays, like, expected message)
+        ("nope", lp, None, r"unknown probe 'nope'"),
+        ("lp", {**lp, "extra": lp["fc.bias"]}, None, r"unexpected \['extra'\]"),
+        ("lp", {k: v for k, v in lp.items() if k != "ln.bias"}, None, r"needs both ln\.weight and ln\.bias"),
+    ]
+    probe = probes.make_probe("lp", lp["fc.bias"].shape[0], num_layers=1, dim=REF_DIM, use_norm=False)
+    no_norm = jax.eval_shape(lambda: probes.init_params(probe, jax.random.key(0)))
+    cases.append(("lp", lp, no_norm, r"LayerNorm present in one and not the other"))
+    for name, arrays, like, message in cases:
+        with pytest.raises(CheckpointError, match=message) as info:
+            probe_params_from_reference(name, arrays, like=like, where="head.pt")
+        assert str(info.value).startswith("head.pt (bat_jax/convert/probes.py): ")
 
 
 def test_probe_import_refuses_non_finite_weights(heads):
