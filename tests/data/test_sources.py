@@ -226,6 +226,40 @@ def test_csv_matching_no_audio_file_is_refused_unless_allow_unlabelled(tmp_path)
     assert run_cli(*common, "--allow-unlabelled") == 0 and manifest(out)["splits"]["train"]["num_clips"] == 2
 
 
+@pytest.mark.parametrize(
+    "csv_bytes, columns", [(b"path,labels\n", None), (b"file,class\n", ("file", "class"))]
+)
+def test_header_only_csv_is_refused_unless_allow_unlabelled(tmp_path, capsys, csv_bytes, columns):
+    root, csv_path = folder_with(tmp_path, csv_bytes)
+    with pytest.raises(SourceError) as e:
+        sources.folder_source(root, labels_csv=csv_path, csv_columns=columns)
+    message = str(e.value)
+    assert message.startswith(f"{csv_path}: ") and "no data rows" in message and "--allow-unlabelled" in message
+    plan = sources.folder_source(root, labels_csv=csv_path, csv_columns=columns, allow_unlabelled=True)
+    assert [(t.source, t.labels) for t in plan.splits[0].tasks] == [("a.wav", ()), ("b.wav", ())]
+    out = tmp_path / "out"
+    flags = ["--csv-columns", ",".join(columns)] if columns else []
+    capsys.readouterr()
+    assert run_cli("--source", "folder", "--input", root, "--labels-csv", csv_path, *flags, "--out", out) == 2
+    assert "no data rows" in capsys.readouterr().err and not out.exists()  # nothing written
+
+
+def test_absolute_csv_path_through_a_symlinked_subfolder_is_accepted(tmp_path):
+    root, outside = tmp_path / "audio", tmp_path / "elsewhere"
+    wav(root / "a.wav")
+    wav(outside / "c.wav")
+    os.symlink(outside, root / "linked")  # a subfolder of --input that is a link to a folder outside it
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text(f"path,labels\n{root / 'linked' / 'c.wav'},dog\n{root / 'a.wav'},cat\n")
+    plan = sources.folder_source(root, labels_csv=csv_path)
+    assert plan.vocabulary == ["cat", "dog"]
+    assert [(t.source, t.labels) for t in plan.splits[0].tasks] == [("a.wav", (0,)), ("linked/c.wav", (1,))]
+    # the same file named by its real path is outside --input: refused, naming the line
+    csv_path.write_text(f"path,labels\n{outside / 'c.wav'},dog\n")
+    with pytest.raises(SourceError, match=r"labels.csv, line 2: expected a path inside .* found '/"):
+        sources.folder_source(root, labels_csv=csv_path)
+
+
 def test_csv_not_in_utf8_names_file_line_and_flag_and_reads_with_csv_encoding(tmp_path, capsys):
     root, csv_path = folder_with(
         tmp_path, "path,labels\na.wav,dog\ncafé.wav,bird\n".encode("latin-1"), names=("a.wav", "café.wav")

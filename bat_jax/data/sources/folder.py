@@ -1,7 +1,8 @@
 """The folder source: every audio file under a folder, labels from a CSV, from folder names, or none.
 
 Listing (listing.py) never fails on one bad entry: it is skipped with its reason. Labels asked for but
-found nowhere are refused before any work: a CSV none of whose rows names a listed file, or
+found nowhere are refused before any work: a CSV with no data row or none of whose rows names a listed
+file, or
 --labels-from-dir on a split with no file inside a class subfolder (both allowed by `allow_unlabelled`).
 """
 
@@ -89,8 +90,14 @@ def _check_dir_labels(files: Sequence[str], splits: _Splits) -> None:
 
 
 def _check_csv_matched(rows, files: Sequence[str], labels_csv, root: Path) -> None:
-    """Refuse a labels CSV none of whose rows names an audio file under the folder."""
+    """Refuse a labels CSV none of whose rows names an audio file under the folder (or with no row at all)."""
     example = repr(files[0]) if files else "none found"
+    if not rows:  # a header and nothing else
+        raise SourceError(
+            f"{labels_csv}: expected rows naming audio files under {root} (--input), found no data rows "
+            f"(only its header), so no file would get a label; add the rows, or pass --allow-unlabelled to "
+            f"write the files without labels"
+        )
     raise SourceError(
         f"{labels_csv}: expected rows naming audio files under {root} (--input), found none of its "
         f"{len(rows)} rows matching (e.g. row path {rows[0].path!r}, line {rows[0].line}; file under "
@@ -182,7 +189,7 @@ def folder_source(
             labelled[row.path], sizes[row.path] = row.names, (root / row.path).stat().st_size
         elif row.path not in unlisted:  # else already skipped with its reason
             skip(row.path, "missing file", f"{where}: listed, but no such file in {root}")
-    if rows and not labelled and not allow_unlabelled:
+    if labels_csv is not None and not labelled and not allow_unlabelled:
         _check_csv_matched(rows, list(listing.files), labels_csv, root)
 
     for rel in sorted(sizes):

@@ -32,13 +32,24 @@ class _CsvRow:
     names: tuple[str, ...]
 
 
+def _inside(path: str, root: Path) -> str | None:
+    """An absolute `path` relative to `root`, or None when it is outside. Tried as written first (normpath:
+    a path through a symlinked subfolder of `root` is inside), then with symlinks resolved (`root` itself
+    is resolved, so a path through another name of `root` is inside too)."""
+    for absolute in (os.path.normpath(path), os.path.realpath(path)):
+        relative = os.path.relpath(absolute, root)
+        if relative != os.pardir and not relative.startswith(os.pardir + os.sep):
+            return Path(relative).as_posix()
+    return None
+
+
 def _normalise_csv_path(raw: str, root: Path) -> str:
     path = raw.strip().replace("\\", "/")
     if os.path.isabs(path):
-        try:
-            path = Path(path).resolve().relative_to(root).as_posix()
-        except ValueError:
-            return path  # outside the folder: reported as missing
+        inside = _inside(path, root)
+        if inside is None:
+            return path  # outside the folder: kept absolute, so folder_source refuses the run
+        path = inside
     while path.startswith("./"):
         path = path[2:]
     return Path(path).as_posix()
