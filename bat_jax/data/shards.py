@@ -15,11 +15,14 @@ counts as done when both exist and agree (settings digest, size, sha256 of the f
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 SHARD_SUFFIX = ".arrayrecord"
@@ -31,6 +34,7 @@ PROGRESS_DIR = ".progress"
 MANIFEST = "manifest.json"
 DONE_SUFFIX = ".done.json"
 HASH_BLOCK = 1 << 20  # bytes read at a time when hashing a shard
+HASH_THREADS = 8  # shards hashed at once by `hashing` (resume, verify)
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -94,6 +98,23 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def hashing(paths: Iterable[Path]) -> Iterator[Callable[[Path], str]]:
+    """A `sha256_file` whose answers for `paths` are computed ahead, HASH_THREADS at a time (hashlib releases
+    the GIL, so threads read and hash in parallel); asking for a path waits for its hash only, so the order
+    in which the caller reports stays its own. A path that was not given is hashed on the spot."""
+    paths = list(dict.fromkeys(paths))
+    if not paths:
+        yield sha256_file
+        return
+    pool = concurrent.futures.ThreadPoolExecutor(min(HASH_THREADS, len(paths)), "sha256")
+    try:
+        futures = {path: pool.submit(sha256_file, path) for path in paths}
+        yield lambda path: futures[path].result() if path in futures else sha256_file(path)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def count_records(path: Path) -> int:
     from array_record.python.array_record_module import ArrayRecordReader
 
@@ -134,26 +155,63 @@ class ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def shard_problem(shard: Path, done: dict | None, config_digest: str) -> str | None:
+def file_problems(
+    path: Path,
+    num_bytes: int | None,
+    sha256: str | None,
+    num_records: int | None,
+    *,
+    listed_in: str,
+    hash_of: Callable[[Path], str] = sha256_file,
+    count: Callable[[Path], int] = count_records,
+) -> Iterator[str]:
+    """What is wrong with the shard file `path` against what `listed_in` records (its size, sha256, record
+    count), lazily, in this order: missing (then nothing else), size, checksum, unreadable (then nothing
+    else), record count. `num_bytes` None skips the size check. `hash_of` and `count` give the file's sha256
+    and record count (e.g. hashed ahead by `hashing`, or counted while decoding every record)."""
+    if not path.is_file():
+        yield f"missing (listed in {listed_in})"
+        return
+    size = path.stat().st_size
+    if num_bytes is not None and size != num_bytes:
+        yield f"size {size} bytes, {listed_in} says {num_bytes}"
+    if not sha256:
+        yield f"no sha256 in {listed_in} (prepared by an older bat-jax?)"
+    else:
+        try:
+            found = hash_of(path)
+        except OSError as e:
+            yield f"not readable: {type(e).__name__}: {e}"
+            return
+        if found != sha256:
+            yield f"checksum mismatch: sha256 {found[:16]}..., {listed_in} says {sha256[:16]}..."
+    try:
+        records = count(path)
+    except Exception as e:  # noqa: BLE001 - an unreadable shard is a problem, not a crash
+        yield f"not a readable ArrayRecord file: {type(e).__name__}: {e}"
+        return
+    if records != num_records:
+        yield f"{records} records, {listed_in} says {num_records}"
+
+
+def shard_problem(
+    shard: Path, done: dict | None, config_digest: str, hash_of: Callable[[Path], str] = sha256_file
+) -> str | None:
     """Why `shard` is not complete (None when it is): its .done.json must match the settings, and the file its
-    size, sha256 and record count. A shard never finished gives "not written"; one whose bytes changed
-    (bit rot, a bad copy) gives the checksum it has against the recorded one."""
+    size, sha256 and record count (file_problems: the first problem found). A shard never finished gives
+    "not written"; one whose bytes changed (bit rot, a bad copy) gives the checksum it has against the
+    recorded one."""
     if not done or done.get("config_digest") != config_digest or not shard.is_file():
         return "not written"
-    if shard.stat().st_size != done.get("bytes"):
-        return f"size {shard.stat().st_size} bytes, expected {done.get('bytes')}"
-    if not done.get("sha256"):
-        return "no checksum recorded"
-    found = sha256_file(shard)
-    if found != done["sha256"]:
-        return f"checksum mismatch: sha256 {found[:16]}..., expected {done['sha256'][:16]}..."
-    try:
-        records = count_records(shard)
-    except Exception as e:  # noqa: BLE001 - an unreadable shard is not done
-        return f"unreadable: {type(e).__name__}: {e}"
-    if records != done.get("num_records"):
-        return f"{records} records, expected {done.get('num_records')}"
-    return None
+    problems = file_problems(
+        shard,
+        done.get("bytes"),
+        done.get("sha256"),
+        done.get("num_records"),
+        listed_in="its .done.json",
+        hash_of=hash_of,
+    )
+    return next(problems, None)
 
 
 def shard_done(shard: Path, done: dict | None, config_digest: str) -> bool:

@@ -57,6 +57,75 @@ class Expect:
     fixed_frames: int | None
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _kind(value) -> str:
+    """How a JSON value is named in a problem: its JSON type and (shortened) text."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    text = json.dumps(value)
+    return f"{names.get(type(value), 'a number')} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+SHARD_KEYS = {"path": str, "num_records": int, "bytes": int, "sha256": str}  # a manifest shard entry
+
+
+def _shard_entry_problems(shard, where: str) -> list[str]:
+    """What is wrong with the type of manifest shard entry `shard` ({path, num_records, bytes, sha256})."""
+    if not isinstance(shard, dict):
+        return [f"{where}: expected an object with {', '.join(SHARD_KEYS)}, found {_kind(shard)}"]
+    found = []
+    for key, kind in SHARD_KEYS.items():
+        value = shard.get(key)
+        if key == "sha256" and value is None:
+            continue  # an older bat-jax wrote none: reported per shard ("no sha256 in manifest.json")
+        if not (_is_int(value) if kind is int else isinstance(value, kind)):
+            what = "missing" if key not in shard else f"found {_kind(value)}"
+            found.append(f"{where}.{key}: expected {'a whole number' if kind is int else 'a string'}, {what}")
+    return found
+
+
+def _manifest_problems(manifest) -> list[str]:
+    """What is wrong with the shape of a parsed manifest.json (checked before any value is used)."""
+    if not isinstance(manifest, dict):
+        keys = "n_mels, label_vocabulary, splits, clip"
+        return [f"expected an object with the keys {keys}; found {_kind(manifest)}"]
+    missing = [k for k in ("n_mels", "label_vocabulary", "splits", "clip") if k not in manifest]
+    if missing:
+        return [f"expected the keys n_mels, label_vocabulary, splits, clip; missing {missing}"]
+    found = []
+    if not _is_int(manifest["n_mels"]):
+        found.append(f"n_mels: expected a whole number, found {_kind(manifest['n_mels'])}")
+    if not isinstance(manifest["label_vocabulary"], list):
+        found.append(
+            f"label_vocabulary: expected an array of class names, found {_kind(manifest['label_vocabulary'])}"
+        )
+    clip = manifest["clip"]
+    if not isinstance(clip, dict):
+        found.append(f"clip: expected an object (mode, frames...), found {_kind(clip)}")
+    elif clip.get("mode") == "fixed" and not _is_int(clip.get("frames")):
+        found.append(
+            f"clip.frames: expected a whole number with mode 'fixed', found {_kind(clip.get('frames'))}"
+        )
+    splits = manifest["splits"]
+    if not isinstance(splits, dict):
+        return [*found, f"splits: expected an object of split name -> entry, found {_kind(splits)}"]
+    for name, entry in splits.items():
+        where = f"splits.{name}"
+        if not isinstance(entry, dict):
+            found.append(
+                f"{where}: expected an object with shards, num_clips, total_frames, found {_kind(entry)}"
+            )
+        elif not isinstance(entry.get("shards"), list):
+            what = "missing" if "shards" not in entry else f"found {_kind(entry['shards'])}"
+            found.append(f"{where}.shards: expected an array of shard entries, {what}")
+        else:
+            for i, shard in enumerate(entry["shards"]):
+                found += _shard_entry_problems(shard, f"{where}.shards[{i}]")
+    return found
+
+
 def _read_manifest(out: Path) -> tuple[dict | None, list[Problem]]:
     path = out / shards.MANIFEST
     if not path.is_file():
@@ -67,26 +136,19 @@ def _read_manifest(out: Path) -> tuple[dict | None, list[Problem]]:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
         return None, [Problem(shards.MANIFEST, f"unreadable: {type(e).__name__}: {e}")]
-    missing = [k for k in ("n_mels", "label_vocabulary", "splits", "clip") if k not in manifest]
-    if not isinstance(manifest, dict) or missing:
-        return None, [
-            Problem(
-                shards.MANIFEST,
-                f"expected the keys n_mels, label_vocabulary, splits, clip; missing {missing}",
-            )
-        ]
+    found = _manifest_problems(manifest)
+    if found:
+        return None, [Problem(shards.MANIFEST, what) for what in found]
     return manifest, []
 
 
 def _record_problem(clip: dict, expect: Expect) -> str | None:
     """What is wrong with one decoded record, or None."""
-    spec = clip["spec"]
-    if spec.ndim != 2 or spec.shape[1] != expect.n_mels:
+    spec = clip["spec"]  # [frames, n_mels] with 1 <= num_frames <= frames: records.decode checks both
+    if spec.shape[1] != expect.n_mels:
         return f"spec shape {tuple(spec.shape)}, expected [frames, {expect.n_mels}] (the manifest's n_mels)"
     if expect.fixed_frames is not None and spec.shape[0] != expect.fixed_frames:
         return f"spec has {spec.shape[0]} frames, expected {expect.fixed_frames} (the manifest's clip frames)"
-    if not 1 <= int(clip["num_frames"]) <= spec.shape[0]:
-        return f"num_frames {int(clip['num_frames'])} outside [1, {spec.shape[0]}]"
     bad = [int(c) for c in clip["labels"] if not 0 <= c < expect.num_classes]
     if bad:
         return f"labels {bad} outside the vocabulary [0, {expect.num_classes})"
@@ -145,43 +207,33 @@ def _check_records(path: Path, name: str, expect: Expect) -> tuple[list[Problem]
     return problems, count, frames
 
 
-def _check_shard(out: Path, shard: dict, expect: Expect, decode: bool) -> tuple[list[Problem], int, int]:
-    """(problems, records, frames) of one manifest shard entry {path, num_records, bytes, sha256}."""
-    name = shard.get("path", "?")
-    path = out / name
-    if not path.is_file():
-        return [Problem(name, "missing (listed in manifest.json)")], 0, 0
-    problems = []
-    size = path.stat().st_size
-    if shard.get("bytes") is not None and size != shard["bytes"]:
-        problems.append(Problem(name, f"size {size} bytes, manifest.json says {shard['bytes']}"))
-    if not shard.get("sha256"):
-        problems.append(Problem(name, "no sha256 in manifest.json (prepared by an older bat-jax?)"))
-    else:
-        found = shards.sha256_file(path)
-        if found != shard["sha256"]:
-            problems.append(
-                Problem(
-                    name,
-                    f"checksum mismatch: sha256 {found[:16]}..., manifest.json says "
-                    f"{shard['sha256'][:16]}...",
-                )
-            )
-    if decode:
-        more, count, frames = _check_records(path, name, expect)
-        problems += more
-    else:
-        try:
-            count, frames = shards.count_records(path), None
-        except Exception as e:  # noqa: BLE001
-            return (
-                [*problems, Problem(name, f"not a readable ArrayRecord file: {type(e).__name__}: {e}")],
-                0,
-                0,
-            )
-    if count != shard.get("num_records"):
-        problems.append(Problem(name, f"{count} records, manifest.json says {shard.get('num_records')}"))
-    return problems, count, frames
+def _check_shard(
+    out: Path, shard: dict, expect: Expect, decode: bool, hash_of
+) -> tuple[list[Problem], int, int | None]:
+    """(problems, records, frames) of one manifest shard entry {path, num_records, bytes, sha256}: the file
+    checks of shards.file_problems, each record decoded and checked on the way (decode)."""
+    name = shard["path"]
+    problems, counted = [], {"records": 0, "frames": 0 if decode else None}
+
+    def count(path: Path) -> int:
+        if not decode:
+            counted["records"] = shards.count_records(path)
+        else:  # the records' problems come after the file's, before the count's
+            more, counted["records"], counted["frames"] = _check_records(path, name, expect)
+            problems.extend(more)
+        return counted["records"]
+
+    for what in shards.file_problems(
+        out / name,
+        shard["bytes"],
+        shard.get("sha256"),
+        shard["num_records"],
+        listed_in=shards.MANIFEST,
+        hash_of=hash_of,
+        count=count,
+    ):
+        problems.append(Problem(name, what))
+    return problems, counted["records"], counted["frames"]
 
 
 def verify(out: str | Path, *, decode: bool = True) -> Report:
@@ -196,34 +248,42 @@ def verify(out: str | Path, *, decode: bool = True) -> Report:
         len(manifest["label_vocabulary"]),
         manifest["clip"].get("frames") if manifest["clip"].get("mode") == "fixed" else None,
     )
-    for split, entry in manifest["splits"].items():
-        report.splits += 1
-        split_records, split_frames = 0, 0
-        for shard in entry.get("shards", []):
-            found, count, frames = _check_shard(out, shard, expect, decode)
-            report.shards += 1
-            report.records += count
-            split_records += count
-            split_frames = None if frames is None or split_frames is None else split_frames + frames
-            report.problems += found
-            if found:
-                report.bad_shards.add(shard.get("path", "?"))
-        if split_records != entry.get("num_clips"):
-            report.problems.append(
-                Problem(
-                    f"split {split}",
-                    f"its shards hold {split_records} records, manifest.json says "
-                    f"{entry.get('num_clips')} clips",
-                )
-            )
-        if split_records == entry.get("num_clips") and split_frames not in (None, entry.get("total_frames")):
-            report.problems.append(
-                Problem(
-                    f"split {split}",
-                    f"its records hold {split_frames} frames, manifest.json says {entry.get('total_frames')}",
-                )
-            )
+    paths = [out / s["path"] for e in manifest["splits"].values() for s in e["shards"]]
+    with shards.hashing(p for p in paths if p.is_file()) as hash_of:  # read ahead, reported in order
+        for split, entry in manifest["splits"].items():
+            _check_split(out, split, entry, expect, decode, hash_of, report)
     return report
+
+
+def _check_split(
+    out: Path, split: str, entry: dict, expect: Expect, decode: bool, hash_of, report: Report
+) -> None:
+    """Check one split's shards and counts, adding to `report`."""
+    report.splits += 1
+    split_records, split_frames = 0, 0
+    for shard in entry["shards"]:
+        found, count, frames = _check_shard(out, shard, expect, decode, hash_of)
+        report.shards += 1
+        report.records += count
+        split_records += count
+        split_frames = None if frames is None or split_frames is None else split_frames + frames
+        report.problems += found
+        if found:
+            report.bad_shards.add(shard.get("path", "?"))
+    if split_records != entry.get("num_clips"):
+        report.problems.append(
+            Problem(
+                f"split {split}",
+                f"its shards hold {split_records} records, manifest.json says {entry.get('num_clips')} clips",
+            )
+        )
+    if split_records == entry.get("num_clips") and split_frames not in (None, entry.get("total_frames")):
+        report.problems.append(
+            Problem(
+                f"split {split}",
+                f"its records hold {split_frames} frames, manifest.json says {entry.get('total_frames')}",
+            )
+        )
 
 
 def format_report(report: Report, out: Path) -> str:

@@ -3,6 +3,7 @@ manifest counts that disagree are each named on their own line; exit 0 / 1 / 2."
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,96 @@ def test_missing_or_unreadable_manifest(out, capsys, manifest):
     status, lines = verify(out, capsys)
     assert status == 1
     assert problems(lines)[0].startswith("manifest.json: ")
+
+
+SHARD_KEYS = "path, num_records, bytes, sha256"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("5", "expected an object with the keys n_mels, label_vocabulary, splits, clip; found a number 5"),
+        ("[]", "expected an object with the keys n_mels, label_vocabulary, splits, clip; found an array []"),
+        ('{"splits": []}', "expected the keys n_mels, label_vocabulary, splits, clip; missing ['n_mels', "),
+    ],
+    ids=["5", "[]", "splits-only"],
+)
+def test_manifest_that_is_not_an_object_is_a_problem_not_a_traceback(out, capsys, text, expected):
+    (out / "manifest.json").write_text(text)
+    status, lines = verify(out, capsys)
+    assert status == 1
+    assert problems(lines)[0].startswith(f"manifest.json: {expected}")
+
+
+def _set(path: str, value):
+    """An edit of the manifest: set the value at a dotted path ("splits.train.shards.1")."""
+
+    def edit(manifest):
+        *parents, last = path.split(".")
+        for key in parents:
+            manifest = manifest[int(key)] if isinstance(manifest, list) else manifest[key]
+        manifest[int(last) if isinstance(manifest, list) else last] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "path, value, expected",
+    [
+        ("splits", [], "splits: expected an object of split name -> entry, found an array []"),
+        ("splits.train", 3, "splits.train: expected an object with shards, num_clips, total_frames, found "),
+        (
+            "splits.train.shards",
+            {},
+            "splits.train.shards: expected an array of shard entries, found an object",
+        ),
+        (
+            "splits.train.shards.1",
+            "train/x.arrayrecord",
+            f"splits.train.shards[1]: expected an object with {SHARD_KEYS}, found a string "
+            '"train/x.arrayrecord"',
+        ),
+        (
+            "splits.eval.shards.0.bytes",
+            "12",
+            "splits.eval.shards[0].bytes: expected a whole number, found a string",
+        ),
+        ("splits.eval.shards.0.path", None, "splits.eval.shards[0].path: expected a string, found null"),
+        ("n_mels", "128", 'n_mels: expected a whole number, found a string "128"'),
+        ("clip", [], "clip: expected an object (mode, frames...), found an array []"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and "expected" not in v and "/" not in v else "",
+)
+def test_damaged_manifest_is_a_problem_not_a_traceback(out, capsys, path, value, expected):
+    edit_manifest(out, _set(path, value))
+    for flags in ((), ("--quick",)):
+        status, lines = verify(out, capsys, *flags)
+        assert status == 1
+        assert len(problems(lines)) == 1 and problems(lines)[0].startswith(f"manifest.json: {expected}")
+
+
+def test_shard_hashes_are_reported_in_manifest_order_whatever_order_they_finish_in(out, capsys, monkeypatch):
+    # two rotten shards; the first one listed is hashed slowest, so its hash is ready last
+    for name in (TRAIN[0], TRAIN[2]):
+        path = out / name
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    real, finished = shards.sha256_file, []
+
+    def slow_for_the_first(path):
+        time.sleep(0.5 if path.name == Path(TRAIN[0]).name else 0.0)
+        finished.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(shards, "sha256_file", slow_for_the_first)
+    status, lines = verify(out, capsys, "--quick")
+    assert status == 1
+    assert finished[-1] == Path(TRAIN[0]).name  # the hashes finished out of order (in threads)
+    wheres = [line.split(": ")[0] for line in problems(lines)]
+    assert wheres == sorted(wheres, key=lambda w: [*TRAIN, "split train"].index(w))  # manifest order
+    mismatched = [line.split(": ")[0] for line in problems(lines) if "checksum mismatch" in line]
+    assert mismatched == [TRAIN[0], TRAIN[2]]
 
 
 def test_bad_usage_exits_2(tmp_path, capsys):
