@@ -18,12 +18,12 @@ from bat_jax.data.prepare.frontend import SAMPLE_RATE, Frontend
 from bat_jax.data.prepare.output import (
     Interrupted,
     SplitRun,
-    _jsonable,
-    _refuse_foreign,
-    _split_config,
-    _write_split,
     build_manifest,
     check_output,
+    jsonable,
+    refuse_foreign,
+    split_config,
+    write_split,
 )
 from bat_jax.data.prepare.workers import Runner
 from bat_jax.data.sources import SourceError, SourcePlan
@@ -101,7 +101,7 @@ def prepare(
     if num_shards is not None:
         clips_per_shard = None
     sharding = {"clips_per_shard": clips_per_shard, "num_shards": num_shards}
-    global_cfg = _jsonable(
+    global_cfg = jsonable(
         {
             "format_version": records.FORMAT_VERSION,
             "sample_rate": SAMPLE_RATE,
@@ -115,8 +115,10 @@ def prepare(
         s.name: shards.plan_shards(len(s.tasks), clips_per_shard=clips_per_shard, num_shards=num_shards)
         for s in source.splits
     }
-    split_cfgs = {s.name: _split_config(source, s, ranges[s.name], sharding) for s in source.splits}
-    _refuse_foreign(out)  # before the lock file is created in it
+    split_cfgs = {s.name: split_config(source, s, ranges[s.name], sharding) for s in source.splits}
+    # Here, and only here (check_output does not repeat it): OutputLock creates OUT/.progress/lock, so a
+    # foreign folder must be refused before the lock is taken, or the refusal would come after writing in it.
+    refuse_foreign(out)
     out.mkdir(parents=True, exist_ok=True)
     runs: list[SplitRun] = []
     loaders = {s.name: s.loader for s in source.splits}
@@ -140,7 +142,7 @@ def prepare(
                 }
                 shards.write_json(state_dir / "split.json", split_state)
                 digest = shards.digest({"global": global_cfg, "split": split_cfgs[split.name]})
-                runs.append(_write_split(out, split, ranges[split.name], digest, runner, progress, stop))
+                runs.append(write_split(out, split, ranges[split.name], digest, runner, progress, stop))
                 shards.write_json(
                     state_dir / "split.json", {**split_state, "seconds": time.time() - split_start}
                 )

@@ -19,7 +19,7 @@ class OutputError(RuntimeError):
     """The output folder cannot be written as asked (exists with other settings, not ours...)."""
 
 
-def _jsonable(obj):
+def jsonable(obj):
     import json
 
     return json.loads(json.dumps(obj, default=str))
@@ -32,7 +32,7 @@ def _diff(old: dict, new: dict, width: int = 200) -> str:
     return "; ".join(f"{k}: existing {show(old.get(k))} vs now {show(new.get(k))}" for k in keys)
 
 
-def _refuse_foreign(out: Path) -> None:
+def refuse_foreign(out: Path) -> None:
     """Refuse a non-empty folder not written by `prepare` (never touch its files, even with --overwrite)."""
     progress = out / shards.PROGRESS_DIR
     others = [p.name for p in out.iterdir() if p.name != shards.PROGRESS_DIR] if out.is_dir() else []
@@ -44,8 +44,10 @@ def _refuse_foreign(out: Path) -> None:
 
 
 def check_output(out: Path, global_cfg: dict, split_cfgs: dict[str, dict], overwrite: bool) -> None:
-    """Refuse an output made with other settings (unless `overwrite`, which deletes what must be redone)."""
-    _refuse_foreign(out)
+    """Refuse an output made with other settings (unless `overwrite`, which deletes what must be redone).
+
+    `out` has passed refuse_foreign (prepare() runs it before it creates the lock file in `out`).
+    """
     progress = out / shards.PROGRESS_DIR
     existing = shards.read_json(progress / "global.json")
     if existing is None:
@@ -76,9 +78,9 @@ def check_output(out: Path, global_cfg: dict, split_cfgs: dict[str, dict], overw
             )
 
 
-def _split_config(source: SourcePlan, split: SplitPlan, ranges: list[range], sharding: dict) -> dict:
+def split_config(source: SourcePlan, split: SplitPlan, ranges: list[range], sharding: dict) -> dict:
     names = [shards.shard_name(split.name, k, len(ranges)) for k in range(len(ranges))]
-    return _jsonable(
+    return jsonable(
         {
             "source": source.description,
             "inputs_digest": split.digest,
@@ -109,14 +111,20 @@ class Interrupted(KeyboardInterrupt):
 def _shards_to_write(out: Path, split: str, names: list[str], config_digest: str):
     """(indices of the shards to write, [(path, reason)] of finished shards that turned out bad)."""
     state_dir = out / shards.PROGRESS_DIR / split
+    dones = [shards.read_json(state_dir / (name + shards.DONE_SUFFIX)) for name in names]
+    finished = [  # the shards whose checksum decides: hashed ahead, in threads
+        out / split / name
+        for name, done in zip(names, dones, strict=True)
+        if done and done.get("config_digest") == config_digest and (out / split / name).is_file()
+    ]
     todo, repaired = [], []
-    for k, name in enumerate(names):
-        done = shards.read_json(state_dir / (name + shards.DONE_SUFFIX))
-        problem = shards.shard_problem(out / split / name, done, config_digest)
-        if problem is not None:
-            todo.append(k)
-            if done is not None and done.get("config_digest") == config_digest:
-                repaired.append((f"{split}/{name}", problem))
+    with shards.hashing(finished) as hash_of:
+        for k, (name, done) in enumerate(zip(names, dones, strict=True)):
+            problem = shards.shard_problem(out / split / name, done, config_digest, hash_of)
+            if problem is not None:
+                todo.append(k)
+                if done is not None and done.get("config_digest") == config_digest:
+                    repaired.append((f"{split}/{name}", problem))
     return todo, repaired
 
 
@@ -154,7 +162,7 @@ def _write_shard(out: Path, split: SplitPlan, name: str, positions: range, resul
     }
 
 
-def _write_split(
+def write_split(
     out: Path,
     split: SplitPlan,
     ranges: list[range],
