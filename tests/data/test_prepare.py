@@ -390,6 +390,70 @@ def test_loader_notes_go_to_done_files_manifest_and_summary(tmp_path):
     )
 
 
+def _wave_only_loader(task):
+    return np.zeros(8000, np.float32)  # forgot the labels
+
+
+def _four_values_loader(task):
+    return np.zeros(8000, np.float32), (0,), (), "extra"
+
+
+def _bad_notes_loader(task):
+    return np.zeros(8000, np.float32), (0,), ("truncated",)  # a note is a (kind, reason) pair
+
+
+@pytest.mark.parametrize(
+    "loader, found",
+    [
+        (_wave_only_loader, "(wave, labels) or (wave, labels, notes), found a value of type ndarray"),
+        (_four_values_loader, "found 4 values"),
+        (_bad_notes_loader, "notes to be (kind, reason) string pairs, found ('truncated',)"),
+    ],
+)
+def test_loader_breaking_its_contract_fails_the_run_instead_of_skipping_every_clip(
+    tmp_path, capsys, monkeypatch, loader, found
+):
+    tasks = [sources.ClipTask(i, f"clip{i}", f"files/clip{i}.wav") for i in range(3)]
+    plan = sources.SourcePlan(
+        "custom", {"kind": "custom"}, ["a"], [sources.SplitPlan("train", tasks, [], loader, "three")]
+    )
+    with pytest.raises(prepare.LoaderContractError) as e:
+        prepare.prepare(plan, tmp_path / "api", BAT, progress=False)
+    message = str(e.value)
+    assert message.startswith(f"loader {loader.__name__} on 'files/clip0.wav': expected a loader")
+    assert found in message and not list((tmp_path / "api").glob("train/*.arrayrecord"))
+    # the command line: exit 2 with that one line, no manifest
+    monkeypatch.setattr(prepare.cli, "plan_source", lambda args: plan)
+    capsys.readouterr()
+    assert run_cli(*SYNTH, "--workers", 1, "--out", tmp_path / "cli") == 2
+    err = capsys.readouterr().err
+    assert err == f"bat-jax prepare: error: {message}\n"
+    assert not (tmp_path / "cli" / "manifest.json").exists()
+
+
+def test_resume_hashes_finished_shards_in_threads_and_reports_them_in_order(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    args = [*SYNTH, "--num-clips", 6, "--num-eval-clips", 0, "--clips-per-shard", 2, "--workers", 1]
+    assert run_cli(*args, "--out", out) == 0
+    listed = [s["path"] for s in json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"]]
+    for path in (listed[0], listed[2]):
+        flip_bytes(out / path, (out / path).stat().st_size // 2)
+    real, finished = shards.sha256_file, []
+
+    def slow_for_the_first(path):
+        time.sleep(0.5 if path.name == Path(listed[0]).name else 0.0)
+        finished.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(shards, "sha256_file", slow_for_the_first)
+    capsys.readouterr()
+    assert run_cli(*args, "--out", out) == 0
+    summary = capsys.readouterr().out
+    assert finished[2] == Path(listed[0]).name  # the resume's three hashes ran at once, the first ended last
+    bad = [line.split()[1] for line in summary.splitlines() if "was bad (checksum mismatch" in line]
+    assert bad == [listed[0], listed[2]]
+
+
 def _done_files(out: Path) -> set[Path]:
     return set(out.glob(".progress/train/*" + shards.DONE_SUFFIX))
 

@@ -22,6 +22,7 @@ from bat_jax.data.prepare.summary import format_summary
 from bat_jax.data.prepare.workers import (
     TASKS_PER_SUBMIT,
     ClipResult,
+    LoaderContractError,
     Runner,
     default_workers,
     process_clip,
@@ -35,6 +36,7 @@ __all__ = [
     "TASKS_PER_SUBMIT",
     "ClipResult",
     "Frontend",
+    "LoaderContractError",
     "OutputError",
     "PrepareResult",
     "Runner",

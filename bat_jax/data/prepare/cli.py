@@ -12,7 +12,12 @@ from bat_jax.data.prepare.frontend import FRONTENDS, Frontend
 from bat_jax.data.prepare.job import CLIPS_PER_SHARD, prepare, stop_on_sigint
 from bat_jax.data.prepare.output import Interrupted, OutputError
 from bat_jax.data.prepare.summary import format_summary
-from bat_jax.data.prepare.workers import CLIPS_PER_DEFAULT_WORKER, MAX_DEFAULT_WORKERS, default_workers
+from bat_jax.data.prepare.workers import (
+    CLIPS_PER_DEFAULT_WORKER,
+    MAX_DEFAULT_WORKERS,
+    LoaderContractError,
+    default_workers,
+)
 from bat_jax.data.sources import SourceError, SourcePlan
 
 DESCRIPTION = """\
@@ -377,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
                 strict=args.strict,
                 progress=not args.no_progress,
             )
-    except (SourceError, OutputError, ValueError, RuntimeError, OSError) as e:
+    except (SourceError, OutputError, LoaderContractError, ValueError, RuntimeError, OSError) as e:
         print(f"bat-jax prepare: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

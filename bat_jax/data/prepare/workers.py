@@ -58,20 +58,37 @@ def _load_error_kind(message: str) -> str:
     return "unreadable audio"
 
 
-def _notes(loaded: tuple) -> tuple[tuple[str, str], ...]:
+class LoaderContractError(TypeError):
+    """A loader returned something other than (wave, labels) or (wave, labels, notes): the code is wrong, not
+    one input, so the run stops (every clip would be skipped otherwise)."""
+
+
+def _notes(loaded, loader, task: ClipTask) -> tuple[tuple[str, str], ...]:
     """The notes of a loader's (wave, labels) or (wave, labels, notes) result, checked."""
-    if len(loaded) not in (2, 3):
-        raise TypeError(
-            f"a loader returns (wave, labels) or (wave, labels, notes), found {len(loaded)} values"
+    where = f"loader {getattr(loader, '__name__', type(loader).__name__)} on {task.source!r}"
+    if not isinstance(loaded, tuple | list) or len(loaded) not in (2, 3):
+        found = (
+            f"{len(loaded)} values"
+            if isinstance(loaded, tuple | list)
+            else f"a value of type {type(loaded).__name__}"
         )
-    notes = tuple(tuple(n) for n in loaded[2]) if len(loaded) == 3 else ()
-    if not all(len(n) == 2 and all(isinstance(x, str) for x in n) for n in notes):
-        raise TypeError(f"a loader's notes are (kind, reason) string pairs, found {notes!r}")
+        raise LoaderContractError(
+            f"{where}: expected a loader to return (wave, labels) or (wave, labels, notes), found {found}"
+        )
+    try:
+        notes = tuple(tuple(n) for n in loaded[2]) if len(loaded) == 3 else ()
+    except TypeError:
+        notes = None
+    if notes is None or not all(len(n) == 2 and all(isinstance(x, str) for x in n) for n in notes):
+        raise LoaderContractError(
+            f"{where}: expected a loader's notes to be (kind, reason) string pairs, found {loaded[2]!r}"
+        )
     return notes
 
 
 def process_clip(task: ClipTask, loader, frontend: Frontend, num_classes: int) -> ClipResult:
-    """Load, cut, compute and encode one clip; any failure becomes a skip with its reason.
+    """Load, cut, compute and encode one clip; any failure becomes a skip with its reason, except a loader
+    result that breaks the contract below (LoaderContractError, which stops the run).
 
     The loader returns (wave, labels) or (wave, labels, notes): notes are (kind, reason) string pairs about
     a clip that is kept (e.g. ("truncated", "read 8000 frames, header says 16000")); they go with the record.
@@ -80,12 +97,13 @@ def process_clip(task: ClipTask, loader, frontend: Frontend, num_classes: int) -
 
     try:
         loaded = loader(task)
-        notes = _notes(loaded)
-        wave, labels = loaded[0], loaded[1]
     except AudioLoadError as e:
         return ClipResult(kind=_load_error_kind(str(e)), reason=str(e))
     except Exception as e:  # noqa: BLE001 - an unusable input is skipped, not fatal
         return ClipResult(kind="unreadable input", reason=f"{type(e).__name__}: {e}")
+    # outside the try: a loader that breaks the contract fails the run (LoaderContractError), not one clip
+    notes = _notes(loaded, loader, task)
+    wave, labels = loaded[0], loaded[1]
     bad = [c for c in labels if not 0 <= c < num_classes]
     if bad:
         return ClipResult(
