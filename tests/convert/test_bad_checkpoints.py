@@ -7,6 +7,7 @@ and one line on stderr with exit status 1 through `bat-jax convert` (no tracebac
 import json
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from bat_jax import cli
-from bat_jax.convert import CheckpointError, load_encoder, load_weights, save_encoder
+from bat_jax.convert import CheckpointError, checkpoint, load_encoder, load_weights, save_encoder
 from bat_jax.convert.mapping import pos_tolerance
 from bat_jax.models.layers import sincos_2d
 from tests.convert.helpers import copy_with_config, hf_folder, parity_errors
@@ -101,6 +102,46 @@ def test_damaged_own_checkpoint_names_the_folder(tmp_path, own_checkpoint):
     with pytest.raises(CheckpointError, match="cannot restore the Orbax params checkpoint") as err:
         load_encoder(folder)
     assert str(folder / "params") in str(err.value) and "\n" not in str(err.value)
+
+
+def test_failed_own_restore_leaves_the_unraisable_hook_as_it_was(tmp_path, own_checkpoint, monkeypatch):
+    # A library call must not install a process-wide sys.unraisablehook (it used to, for good), and the
+    # in-flight TensorStore reads of the failed restore report while its own filter is still in place.
+    folder = _copy_own(own_checkpoint, tmp_path)
+    manifest = folder / "params" / "manifest.ocdbt"
+    manifest.write_bytes(random_bytes(manifest.read_bytes()))
+    reports = []
+    monkeypatch.setattr(sys, "unraisablehook", reports.append)
+    with pytest.raises(CheckpointError, match="cannot restore the Orbax params checkpoint"):
+        load_encoder(folder)
+    assert sys.unraisablehook == reports.append
+    assert reports == []
+
+
+def _unraisable(exc):
+    return types.SimpleNamespace(exc_value=exc, exc_type=type(exc), exc_traceback=exc.__traceback__)
+
+
+def test_undeliverable_reads_dropped_filters_exactly_those_reports():
+    def call_soon_threadsafe():  # the asyncio frame an undeliverable TensorStore read raises from
+        raise RuntimeError("Event loop is closed")
+
+    try:
+        call_soon_threadsafe()
+    except RuntimeError as e:
+        undeliverable = e
+    other = RuntimeError("Event loop is closed")  # same text, raised elsewhere: reported
+    seen = []
+    before = sys.unraisablehook
+    sys.unraisablehook = seen.append
+    try:
+        with checkpoint.undeliverable_reads_dropped():
+            sys.unraisablehook(_unraisable(undeliverable))
+            sys.unraisablehook(_unraisable(other))
+        assert sys.unraisablehook == seen.append
+    finally:
+        sys.unraisablehook = before
+    assert [u.exc_value for u in seen] == [other]
 
 
 def test_unreadable_own_config_names_the_file(tmp_path, own_checkpoint):
@@ -251,7 +292,11 @@ CLI_CASES = [
 
 
 def _convert(argv, capsys):
-    rc = cli.main(["convert", *map(str, argv)])
+    hook = sys.unraisablehook
+    try:
+        rc = cli.main(["convert", *map(str, argv)])
+    finally:  # the command's report filter lasts its own process, not this test session
+        sys.unraisablehook = hook
     captured = capsys.readouterr()
     return rc, captured.out, captured.err
 
