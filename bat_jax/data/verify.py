@@ -1,12 +1,12 @@
 """`bat-jax verify DIR`: check a folder written by `bat-jax prepare` before training on it.
 
-Checks, in order: manifest.json is present and readable; every shard it lists exists, has the listed size
-and sha256 (bit rot, a bad copy, a truncated download); every shard opens as ArrayRecord with the listed
-number of records; every record decodes (bat_jax.data.records) to a spec [frames, n_mels] with the manifest's
-n_mels (and the fixed frame count of a --clip-seconds output), 1 <= num_frames <= frames and labels inside
-the vocabulary; and per split, the clip and frame counts of its records equal the manifest's. Each problem
-is one line naming the shard (and the record index); the exit status is 0 when all is well, 1 when anything
-is bad, 2 on bad usage.
+Checks, in order: manifest.json is present, readable and well-typed (an object whose splits, shard entries
+and clip are what `prepare` writes); every shard it lists exists, has the listed size and sha256 (bit rot, a
+bad copy, a truncated download); every shard opens as ArrayRecord with the listed number of records; every
+record decodes (bat_jax.data.records) to a spec [frames, n_mels] with the manifest's n_mels (and the fixed
+frame count of a --clip-seconds output), 1 <= num_frames <= frames and labels inside the vocabulary; and per
+split, the clip and frame counts of its records equal the manifest's. Each problem is one line naming the
+shard (and the record index); the exit status is 0 when all is well, 1 when anything is bad, 2 on bad usage.
 """
 
 from __future__ import annotations
@@ -248,8 +248,9 @@ def verify(out: str | Path, *, decode: bool = True) -> Report:
         len(manifest["label_vocabulary"]),
         manifest["clip"].get("frames") if manifest["clip"].get("mode") == "fixed" else None,
     )
-    paths = [out / s["path"] for e in manifest["splits"].values() for s in e["shards"]]
-    with shards.hashing(p for p in paths if p.is_file()) as hash_of:  # read ahead, reported in order
+    listed = [s for entry in manifest["splits"].values() for s in entry["shards"]]
+    hashed = [out / s["path"] for s in listed if s.get("sha256") and (out / s["path"]).is_file()]
+    with shards.hashing(hashed) as hash_of:  # read ahead in threads; reported in manifest order
         for split, entry in manifest["splits"].items():
             _check_split(out, split, entry, expect, decode, hash_of, report)
     return report
@@ -311,7 +312,7 @@ Check a folder written by `bat-jax prepare` before training on it (after a copy,
 disk).
 
 checks:
-  manifest.json   present, readable, with n_mels, label_vocabulary, clip and splits
+  manifest.json   present, readable, with n_mels, label_vocabulary, clip and splits of the right types
   every shard     listed in the manifest exists, has the listed size and sha256, opens as ArrayRecord and
                   holds the listed number of records
   every record    decodes (bat_jax.data.records) to spec [frames, n_mels] with the manifest's n_mels (and its

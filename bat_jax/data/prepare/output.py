@@ -112,10 +112,13 @@ def _shards_to_write(out: Path, split: str, names: list[str], config_digest: str
     """(indices of the shards to write, [(path, reason)] of finished shards that turned out bad)."""
     state_dir = out / shards.PROGRESS_DIR / split
     dones = [shards.read_json(state_dir / (name + shards.DONE_SUFFIX)) for name in names]
-    finished = [  # the shards whose checksum decides: hashed ahead, in threads
+    finished = [  # the shards whose checksum decides (settings and size agree): hashed ahead, in threads
         out / split / name
         for name, done in zip(names, dones, strict=True)
-        if done and done.get("config_digest") == config_digest and (out / split / name).is_file()
+        if done
+        and done.get("config_digest") == config_digest
+        and (out / split / name).is_file()
+        and (out / split / name).stat().st_size == done.get("bytes")
     ]
     todo, repaired = [], []
     with shards.hashing(finished) as hash_of:
