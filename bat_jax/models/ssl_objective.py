@@ -276,7 +276,7 @@ def bat_ssl_loss(
     """BAT's pretraining objective on ``spec`` [B, T, F], masks drawn on device from ``key``.
 
     Returns (loss float32, metrics {loss, global_loss, local_loss, target_var, pred_var}); differentiate
-    with respect to ``params`` (the teacher is under stop_gradient)."""
-    check_batch(spec, config)
+    with respect to ``params`` (the teacher is under stop_gradient). ``spec`` is checked (`check_batch`)
+    by `bat_ssl_loss_with_masks`."""
     mask, ids_keep = draw_student_masks(key, spec.shape[0], config)
     return bat_ssl_loss_with_masks(params, teacher_params, spec, mask, ids_keep, config)

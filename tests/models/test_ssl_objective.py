@@ -160,6 +160,19 @@ def test_random_loss_and_gradients_are_finite_and_nonzero(small_params):
         assert np.any(g != 0), f"zero gradient for {jax.tree_util.keystr(path)}"
 
 
+def test_bat_ssl_loss_checks_the_batch_once(small_params, monkeypatch):
+    calls = []
+    check = ssl_objective.check_batch
+    counted = lambda spec, cfg: calls.append(spec.shape) or check(spec, cfg)
+    monkeypatch.setattr(ssl_objective, "check_batch", counted)
+    loss = functools.partial(ssl_objective.bat_ssl_loss, config=SMALL)
+    spec = _spec(jax.random.key(1))
+    jax.eval_shape(loss, small_params, small_params["encoder"], spec, jax.random.key(2))
+    assert calls == [spec.shape]
+    with pytest.raises(ValueError, match=r"expected spec \[batch, 64, 128\].*found \(2, 32, 128\)"):
+        jax.eval_shape(loss, small_params, small_params["encoder"], spec[:, :32], jax.random.key(2))
+
+
 def test_train_step_updates_student_and_ema_teacher_and_compiles_once(small_params):
     tx = train.make_optimizer(**{**TINY_OPTIM, "peak_lr": 1e-3, "warmup_steps": 0, "total_steps": 100})
     state = train.create_train_state(small_params, tx)
