@@ -101,17 +101,21 @@ class ShardSource(grain.sources.RandomAccessDataSource):
     def __len__(self) -> int:
         return self._starts[-1]
 
+    def _locate(self, index: int) -> tuple[int, int]:
+        """Global record index → (shard number, index inside that shard)."""
+        shard = bisect.bisect_right(self._starts, index) - 1
+        return shard, index - self._starts[shard]
+
     def locate(self, index: int) -> tuple[str, int]:
         """Global record index → (shard path, index inside that shard)."""
-        shard = bisect.bisect_right(self._starts, index) - 1
-        return self.paths[shard], index - self._starts[shard]
+        shard, local = self._locate(index)
+        return self.paths[shard], local
 
     def __getitem__(self, index: int) -> tuple[int, dict[str, Any]]:
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"expected a record index in [0, {len(self)}), found {index}")
-        shard = bisect.bisect_right(self._starts, index) - 1
-        local = index - self._starts[shard]
+        shard, local = self._locate(index)
         try:
             data = self._shards[shard][local]
         except Exception as e:

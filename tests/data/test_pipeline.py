@@ -108,6 +108,19 @@ def test_shard_paths_manifest_and_glob(dataset, tmp_path):
 # ------------------------------------------------------------------------------------------- pretraining
 
 
+def test_shard_source_locates_every_record_across_uneven_shards(dataset):
+    _, paths, clips = dataset
+    source = pipeline.ShardSource(paths)
+    sizes = [NUM_RECORDS * (s + 1) // NUM_SHARDS - NUM_RECORDS * s // NUM_SHARDS for s in range(NUM_SHARDS)]
+    expected = [(paths[s], local) for s, size in enumerate(sizes) for local in range(size)]  # 7, 8, 8
+    assert [source.locate(i) for i in range(len(source))] == expected
+    for i in (0, sizes[0] - 1, sizes[0], NUM_RECORDS - 1):  # each side of a shard boundary
+        index, clip = source[i]
+        assert index == i and clip["clip_id"] == clips[i].clip_id
+    with pytest.raises(IndexError, match=rf"expected a record index in \[0, {NUM_RECORDS}\), found 23"):
+        source[NUM_RECORDS]
+
+
 def test_pretrain_reshuffles_each_epoch_and_keys_rolls_by_seed_epoch_and_record(dataset):
     _, paths, clips = dataset
     # Process 1 of 2: a share of 23 // 2 = 11 records (11..21), batches of 1 clip, three epochs.
