@@ -82,7 +82,8 @@ from bat_jax.data.placement import (  # noqa: F401  (re-exported: the pipeline's
 from bat_jax.data.shard_reader import ShardError, ShardSource, check_paths, shard_paths  # noqa: F401
 from bat_jax.data.transforms import CropPad, RollCropPad, clip_example, multi_hot, roll_crop_pad  # noqa: F401
 
-# The encoder's time patch: BAT's patches are 16 frames × 16 mel bins (data/ does not import models/).
+# Default of the encoder's time patch: BAT's patches are 16 frames × 16 mel bins. data/ does not import
+# models/: bat_jax.train.config.loader_kwargs passes the config's encoder's patch_size[0] instead.
 FRAMES_MULTIPLE = 16
 
 

@@ -52,13 +52,17 @@ def load(spec: str) -> ml_collections.ConfigDict:
 
 
 def pretrain_config(name: str) -> ml_collections.ConfigDict:
-    """configs/pretrain/<name>.py of this checkout (bat_base, bat_small, eat_style, tiny) → its config."""
+    """configs/pretrain/<name>.py of this checkout (bat_base, bat_small, eat_style, tiny) → its config.
+
+    Only from a source checkout: the configs/ folder sits beside the package (CONFIG_DIR) and is not
+    installed with it. With an installed package, pass the file's path to `load` instead."""
     path = CONFIG_DIR / "pretrain" / f"{name}.py"
     if not path.is_file():
         found = sorted(p.stem for p in (CONFIG_DIR / "pretrain").glob("[!_]*.py"))
         raise FileNotFoundError(
             f"pretrain_config ({_WHERE}): expected one of {found} in {CONFIG_DIR / 'pretrain'}, "
-            f"found no {path.name}"
+            f"found no {path.name}; the named configs exist only in a source checkout: otherwise pass the "
+            "config file's path to bat_jax.train.config.load('path/to/config.py')"
         )
     return load(str(path))
 
@@ -132,16 +136,22 @@ def optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
 
 def loader_kwargs(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     """Keyword arguments of ``bat_jax.data.pipeline.make_pretrain_loader`` from the config (all but the
-    shard paths, which come from cfg.data.root and cfg.data.split): ``target_frames`` is cfg.frames."""
+    shard paths, which come from cfg.data.root and cfg.data.split): ``target_frames`` is cfg.frames and
+    ``frames_multiple`` the config's encoder's time patch size (the loader's own default, 16, is BAT's)."""
     missing = sorted(set(LOADER_KEYS) - set(cfg.data))
     if missing:
         raise ValueError(
             f"config section 'data' ({_WHERE}): expected the keys {list(LOADER_KEYS)}, missing {missing}"
         )
-    return {"target_frames": frames(cfg), **{key: cfg.data[key] for key in LOADER_KEYS}}
+    return {
+        "target_frames": frames(cfg),
+        "frames_multiple": encoder_config(cfg).patch_size[0],
+        **{key: cfg.data[key] for key in LOADER_KEYS},
+    }
 
 
 def ssl_preset(name: str, **overrides: Any) -> SSLConfig:
     """The SSLConfig of configs/pretrain/<name>.py with dataclass fields replaced, e.g.
-    ``ssl_preset("tiny", frames=64, num_views=2)`` (tests and benchmarks)."""
+    ``ssl_preset("tiny", frames=64, num_views=2)`` (tests and benchmarks). Only from a source checkout
+    (see `pretrain_config`); elsewhere: ``ssl_config(load("path/to/config.py")).replace(...)``."""
     return ssl_config(pretrain_config(name)).replace(**overrides)

@@ -34,7 +34,8 @@ def test_pretrain_config_builds(path):
     assert np.all(np.isfinite(np.asarray(updates["w"])))
     kwargs = train_config.loader_kwargs(cfg)
     assert kwargs["target_frames"] == ssl.frames  # one number for the loader and the objective
-    assert set(kwargs) == {"target_frames", "global_batch_size", "seed", "worker_count"}
+    assert kwargs["frames_multiple"] == ssl.encoder.patch_size[0]  # the config's encoder decides
+    assert set(kwargs) == {"target_frames", "frames_multiple", "global_batch_size", "seed", "worker_count"}
     assert train_config.pretrain_config(path.stem) == cfg
 
 
@@ -102,23 +103,40 @@ def test_loader_kwargs_give_batches_the_ssl_config_accepts(tmp_path):
     cfg = train_config.pretrain_config("tiny")
     cfg.frames = 48
     ssl = train_config.ssl_config(cfg)
+    batch = _first_batch(tmp_path, cfg, ssl.encoder.n_mels)
+    assert batch["spec"].shape == (cfg.data.global_batch_size, 48, ssl.encoder.n_mels)
+    check_batch(jnp.asarray(batch["spec"]), ssl)
+
+
+def test_loader_kwargs_take_the_frames_multiple_from_the_config_encoder(tmp_path):
+    """An encoder with 8-frame time patches: 40 frames suit it (not the loader's default of 16)."""
+    cfg = train_config.pretrain_config("tiny")
+    cfg.encoder.overrides.patch_size = (8, 16)
+    cfg.frames = 40
+    ssl = train_config.ssl_config(cfg)
+    assert train_config.loader_kwargs(cfg)["frames_multiple"] == 8
+    batch = _first_batch(tmp_path, cfg, ssl.encoder.n_mels)
+    assert batch["spec"].shape == (cfg.data.global_batch_size, 40, ssl.encoder.n_mels)
+    check_batch(jnp.asarray(batch["spec"]), ssl)
+
+
+def _first_batch(tmp_path, cfg, n_mels):
+    """One batch of a loader built from `cfg` over one shard of random clips of 20-79 frames."""
     rng = np.random.default_rng(0)
     (tmp_path / "train").mkdir()
     writer = ArrayRecordWriter(str(tmp_path / "train" / "train-00000-of-00001.arrayrecord"), "group_size:1")
     for i in range(cfg.data.global_batch_size):
         n = int(rng.integers(20, 80))  # shorter and longer than the target
-        spec = rng.uniform(0, 1, (n, ssl.encoder.n_mels)).astype(np.float16)
+        spec = rng.uniform(0, 1, (n, n_mels)).astype(np.float16)
         writer.write(records.encode(records.Clip(spec, n, f"clip{i}")))
     writer.close()
     loader = pipeline.make_pretrain_loader(
         pipeline.shard_paths(tmp_path, "train"), **train_config.loader_kwargs(cfg)
     )
     try:
-        batch = next(iter(loader))
+        return next(iter(loader))
     finally:
         loader.close()
-    assert batch["spec"].shape == (cfg.data.global_batch_size, 48, ssl.encoder.n_mels)
-    check_batch(jnp.asarray(batch["spec"]), ssl)
 
 
 def test_ssl_preset_applies_overrides():
@@ -138,7 +156,7 @@ def test_probe_configs(task):
 def test_bad_config_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no file"):
         train_config.load(str(tmp_path / "missing.py"))
-    with pytest.raises(FileNotFoundError, match="no huge.py"):
+    with pytest.raises(FileNotFoundError, match=r"no huge\.py; .*source checkout.*config\.load\("):
         train_config.pretrain_config("huge")
     with pytest.raises(ValueError, match="expected a task"):
         train_config.load(f"{CONFIGS / 'probe' / 'cgp.py'}:nope")
