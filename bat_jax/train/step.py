@@ -10,6 +10,13 @@
 The optimizer sees the student (encoder + decoder) only; the teacher is the EMA of the student encoder,
 updated after the optimizer step with the decay of the step count before the increment (the reference's
 `EMA_Scheduler.step()` order): ``teacher ← λ(step) · teacher + (1 − λ(step)) · new student encoder``.
+
+Gradient accumulation (``micro_batches`` m > 1): the masks are drawn once for the whole batch (the same as
+with m = 1), the batch is cut into m strided micro-batches (rows i, i + m, i + 2m, ...: each device keeps its
+own rows) and the update uses the mean of their gradients, which equals the whole batch's gradient up to
+float32 summation order (every loss term is a mean over equally many rows and masked patches). The metrics
+are the micro-batch means: exact for the losses, an approximation for target_var / pred_var (variances).
+Sharded over a mesh: bat_jax/train/sharded.py.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -25,10 +33,18 @@ import optax
 
 from bat_jax.models.ema import ema_decay, ema_update
 from bat_jax.models.encoder import unbox
-from bat_jax.models.ssl_objective import SSLConfig, bat_ssl_loss, init_params
+from bat_jax.models.ssl_objective import (
+    SSLConfig,
+    bat_ssl_loss,
+    bat_ssl_loss_with_masks,
+    draw_student_masks,
+    init_params,
+)
 
 Array = jax.Array
 PyTree = Any
+
+_WHERE = "bat_jax/train/step.py"
 
 
 @flax.struct.dataclass
@@ -85,17 +101,64 @@ def init_train_state(config: SSLConfig, tx: optax.GradientTransformation, rng: A
     return create_train_state(init_params(config, rng), tx)
 
 
+def micro_split(x: Array, micro_batches: int) -> Array:
+    """[B, ...] → [m, B/m, ...] with micro-batch i = rows i, i + m, i + 2m, ... (strided, so that a batch
+    split over devices in contiguous blocks stays on its devices when B/m divides over them)."""
+    b = x.shape[0]
+    if b % micro_batches:
+        raise ValueError(
+            f"train_step ({_WHERE}): expected a batch divisible by micro_batches={micro_batches}, found "
+            f"{b} rows"
+        )
+    x = x.reshape(b // micro_batches, micro_batches, *x.shape[1:])  # [B/m, m, ...]
+    x = jnp.swapaxes(x, 0, 1)  # [m, B/m, ...]
+    return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+
+def loss_grads(
+    params: PyTree, teacher_params: PyTree, spec: Array, key: Array, config: SSLConfig, micro_batches: int = 1
+) -> tuple[dict[str, Array], PyTree]:
+    """(metrics, gradients of the SSL loss w.r.t. the student ``params``) on ``spec`` [B, T, F] with masks
+    drawn from ``key``; with ``micro_batches`` m > 1, means over m strided micro-batches (module doc)."""
+    if micro_batches == 1:
+        (_, metrics), grads = jax.value_and_grad(bat_ssl_loss, has_aux=True)(
+            params, teacher_params, spec, key, config
+        )
+        return metrics, grads
+    b, v = spec.shape[0], config.num_views
+    mask, ids_keep = draw_student_masks(key, b, config)  # [B·V, N], [B·V, K], rows clip-major
+    specs = micro_split(spec, micro_batches)  # [m, B/m, T, F]
+    rows = (micro_batches, b // micro_batches * v, -1)  # [m, B/m·V, ...]: each micro-batch's views
+    masks = micro_split(mask.reshape(b, v, -1), micro_batches).reshape(rows)  # [m, B/m·V, N]
+    ids = micro_split(ids_keep.reshape(b, v, -1), micro_batches).reshape(rows)  # [m, B/m·V, K]
+
+    def micro(xs: tuple[Array, Array, Array]) -> tuple[PyTree, dict[str, Array]]:
+        grad_fn = jax.value_and_grad(bat_ssl_loss_with_masks, has_aux=True)
+        (_, metrics), grads = grad_fn(params, teacher_params, *xs, config)
+        return grads, metrics
+
+    def body(total: PyTree, xs: tuple[Array, Array, Array]) -> tuple[PyTree, None]:
+        return jax.tree.map(jnp.add, total, micro(xs)), None
+
+    first = (specs[0], masks[0], ids[0])
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(micro, first))
+    (grads, metrics), _ = jax.lax.scan(body, zeros, (specs, masks, ids))
+    grads, metrics = jax.tree.map(lambda a: a / micro_batches, (grads, metrics))
+    return metrics, grads
+
+
 def train_step(
     state: TrainState,
     spec: Array,
     key: Array,
     config: SSLConfig,
     tx: optax.GradientTransformation,
+    micro_batches: int = 1,
 ) -> tuple[TrainState, dict[str, Array]]:
-    """One update on ``spec`` [B, T, F] with masks drawn from ``key``; returns the new state and the float32
-    metrics {loss, global_loss, local_loss, target_var, pred_var, ema_decay}."""
-    grad_fn = jax.value_and_grad(bat_ssl_loss, has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, state.teacher_params, spec, key, config)
+    """One update on ``spec`` [B, T, F] with masks drawn from ``key`` (gradients accumulated over
+    ``micro_batches``); returns the new state and the float32 metrics {loss, global_loss, local_loss,
+    target_var, pred_var, ema_decay}."""
+    metrics, grads = loss_grads(state.params, state.teacher_params, spec, key, config, micro_batches)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(state.step, config.ema_start, config.ema_end, config.ema_warmup_steps)
@@ -106,8 +169,9 @@ def train_step(
 
 
 def jit_train_step(
-    config: SSLConfig, tx: optax.GradientTransformation, donate: bool = True
+    config: SSLConfig, tx: optax.GradientTransformation, donate: bool = True, micro_batches: int = 1
 ) -> Callable[[TrainState, Array, Array], tuple[TrainState, dict[str, Array]]]:
-    """``jit(state, spec, key) -> (state, metrics)`` for this config and optimizer; the state is donated."""
-    step = functools.partial(train_step, config=config, tx=tx)
+    """``jit(state, spec, key) -> (state, metrics)`` for this config and optimizer; the state is donated.
+    On one device; over a mesh: `bat_jax.train.sharded.jit_step`."""
+    step = functools.partial(train_step, config=config, tx=tx, micro_batches=micro_batches)
     return jax.jit(step, donate_argnums=(0,) if donate else ())

@@ -60,9 +60,32 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.worker_count = 8
     c.data.seed = 0
 
+    # Devices: a (data, fsdp) mesh (bat_jax/train/mesh.py); the global batch is split over data x fsdp.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1})  # -1: the devices the others leave
+    # Always named (jax.make_mesh defaults to Explicit, jax.sharding.Mesh to Auto); the models' sharding
+    # constraints leave the FSDP all-gathers to the compiler: Auto.
+    c.mesh.axis_types = ml_collections.ConfigDict({"data": "auto", "fsdp": "auto"})
+    # Logical axis names of the models (bat_jax/models/layers.py) -> mesh axes, first match first: the
+    # activations' batch over every device; parameters (no batch axis) split along their width over fsdp
+    # (FSDP; a no-op while fsdp = 1; ("embed", None) replicates them). Unlisted names stay whole.
+    c.mesh.rules = (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("length", None),
+        ("mlp", None),
+        ("qkv", None),
+        ("heads", None),
+        ("kv", None),
+    )
+
     c.train = ml_collections.ConfigDict()
     c.train.steps = 400_000  # the run's length; the learning-rate schedule ends here too
+    c.train.micro_batches = 1  # gradient accumulation: micro-batches per update (the batch divides by it)
     c.train.seed = 0
     c.train.log_every = 100
     c.train.checkpoint_every = 5_000
+    c.train.keep = 3  # checkpoints kept: the last `keep` ...
+    c.train.keep_every = 50_000  # ... plus every `keep_every`-th step (0: none)
+    c.train.init_from = ""  # continued pretraining: anything bat_jax.load_encoder reads ("": random init)
     return c
