@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "prepare": "bat_jax.data.prepare.cli",
     "convert": "bat_jax.convert.cli",
     "verify": "bat_jax.data.verify",
+    "pretrain": "bat_jax.train.cli",
 }
 
 
@@ -48,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Subcommands that set config_overrides (pretrain) take the --config.a.b=v flags argparse leaves.
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "config_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     return int(args.func(args) or 0)
 
 

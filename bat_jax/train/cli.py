@@ -1,0 +1,100 @@
+"""`bat-jax pretrain --config FILE --workdir DIR [--config.a.b=v ...]`: the pretraining job's command line.
+
+Overrides follow `ml_collections.config_flags` (they are parsed by it): nested fields, the field's type
+checked (`--config.train.steps=1.5` is refused), an unknown field is an error naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = """\
+Pretrain BAT with the config FILE (configs/pretrain/{bat_base,bat_small,eat_style,tiny}.py) in DIR.
+
+config overrides, as ml_collections config flags (type-checked; an unknown field is an error):
+  --config.data.root=PATH          a folder written by `bat-jax prepare` (its manifest's clip.frames must
+                                   equal --config.frames)
+  --config.data.split=NAME         the split to train on (default train)
+  --config.data.worker_count=N     Grain worker processes (0: read in this process)
+  --config.data.global_batch_size=N  clips per update over all devices (x ssl.num_views views)
+  --config.train.steps=N           updates of the run (the lr schedule ends here)
+  --config.train.checkpoint_every=N  save every N updates (and at the end, and on SIGTERM)
+  --config.train.log_every=N       one metrics line every N updates
+  --config.train.seed=N            the masks' and the initial weights' seed
+  --config.train.keep=N / keep_every=K  keep the last N checkpoints plus every K-th step
+  --config.train.init_from=PATH    start student and teacher encoders from a checkpoint (anything
+                                   bat_jax.load_encoder reads); the decoder starts fresh
+  --config.mesh.shape.data=N / --config.mesh.shape.fsdp=N   the device mesh (-1: the rest)
+
+the workdir DIR:
+  config.json              the resolved config
+  checkpoints/<step>/      Orbax checkpoints: state/ (step, params, teacher, opt_state, rng), data/ (Grain)
+  metrics.jsonl            one JSON object per log line: step, loss, global_loss, local_loss, target_var,
+                           pred_var, lr, ema_decay, clips_per_s, step_time_s, data_wait_s
+  tb/                      TensorBoard events: tensorboard --logdir DIR/tb
+
+resume and preemption:
+  a run in a DIR that has a checkpoint resumes from the latest one (the same batches and masks follow);
+  SIGTERM saves at the next step boundary and exits 0 with a message; a NaN/Inf loss stops the run (exit 1)
+  naming the step and the last good checkpoint. bat_jax.load_encoder(DIR) loads the latest student encoder.
+
+exit status: 0 done or saved after SIGTERM, 1 NaN/Inf loss or a failed save, 2 a config error.
+
+example:
+  bat-jax prepare --source synthetic --out data/demo
+  bat-jax pretrain --config configs/pretrain/tiny.py --workdir runs/tiny --config.train.steps=100
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "pretrain",
+        help="pretrain BAT (self-supervised) from prepared spectrogram shards",
+        description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, metavar="FILE", help="an ml_collections config file")
+    parser.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints, metrics, config.json")
+    parser.add_argument("--no-progress", action="store_true", help="no console progress bar")
+    parser.set_defaults(func=run, config_overrides=True)
+    return parser
+
+
+def parse_config(path: str, overrides: list[str]):
+    """The config of ``path`` with ``overrides`` (``--config.a.b=v``) applied by ml_collections' config flags;
+    ValueError with one line naming the flag otherwise."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    bad = [o for o in overrides if not o.startswith("--config.")]
+    if bad:
+        raise ValueError(f"{bad[0]}: expected config overrides of the form --config.FIELD=VALUE, found {bad}")
+    argv = ["bat-jax pretrain", f"--config={path}", *overrides]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=values, sys_argv=argv)
+    try:
+        values(argv)
+        return values.config
+    except (AttributeError, KeyError) as e:  # an unknown field: ml_collections says which, with a suggestion
+        field = str(e.args[0]).split("\n")[0] if e.args else ""
+        hint = str(e.args[0]).split("\n", 1)[1] if e.args and "\n" in str(e.args[0]) else ""
+        flag = next((o for o in overrides if field.strip("'") in o), overrides)
+        raise ValueError(f"{flag}: no config field {field} in {path}. {hint}".strip()) from None
+    except flags.Error as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from bat_jax.train import pretrain
+
+    try:
+        cfg = parse_config(args.config, list(getattr(args, "overrides", [])))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"bat-jax pretrain: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return pretrain.run(cfg, args.workdir, progress=not args.no_progress)
+    except pretrain.ConfigError as e:
+        print(f"bat-jax pretrain: error: {e}", file=sys.stderr)
+        return 2

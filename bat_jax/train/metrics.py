@@ -1,0 +1,79 @@
+"""What a pretraining run reports: WORKDIR/metrics.jsonl, TensorBoard events under WORKDIR/tb/, the console.
+
+metrics.jsonl: one JSON object per log line, e.g.
+    {"step": 10, "loss": 1.93, "global_loss": 0.97, "local_loss": 0.96, "target_var": 0.99, "pred_var": 0.41,
+     "lr": 0.0005, "ema_decay": 0.9998, "grad_norm": 3.1, "clips_per_s": 41.0, "step_time_s": 0.19,
+     "data_wait_s": 0.002, "time": 1764620000.0}
+(``step`` = completed updates; the timings are means over the steps since the previous line.) TensorBoard:
+the same scalars, tagged ``train/<name>``: ``tensorboard --logdir WORKDIR/tb``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import tqdm
+from tensorboardX import SummaryWriter
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+
+
+class MetricsWriter:
+    """Appends log lines to metrics.jsonl (a resumed run continues the file) and TensorBoard events."""
+
+    def __init__(self, workdir: str | Path):
+        workdir = Path(workdir)
+        self._file = open(workdir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._tb = SummaryWriter(str(workdir / TB_DIR))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        row = {"step": int(step), **{k: _number(v) for k, v in scalars.items()}, "time": time.time()}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        for name, value in scalars.items():
+            if math.isfinite(float(value)):
+                self._tb.add_scalar(f"train/{name}", float(value), int(step))
+        self._tb.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        self._tb.close()
+
+
+def _number(value: Any) -> float | None:
+    """A JSON number; NaN / Inf as null (JSON has no NaN)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
+    """The rows of WORKDIR/metrics.jsonl."""
+    path = Path(workdir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """A console progress bar with ETA (stderr), its postfix the last logged loss."""
+
+    def __init__(self, start: int, total: int, enabled: bool = True):
+        self._bar = tqdm.tqdm(
+            initial=start, total=total, unit="step", file=sys.stderr, disable=not enabled, dynamic_ncols=True
+        )
+
+    def update(self, n: int = 1) -> None:
+        self._bar.update(n)
+
+    def show(self, scalars: dict[str, float]) -> None:
+        self._bar.set_postfix(loss=f"{scalars['loss']:.4f}", clips_s=f"{scalars['clips_per_s']:.1f}")
+
+    def write(self, line: str) -> None:
+        self._bar.write(line, file=sys.stderr)
+
+    def close(self) -> None:
+        self._bar.close()
