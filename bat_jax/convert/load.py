@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bat_jax.convert import checkpoint, mapping, sources
+from bat_jax.convert import checkpoint, mapping, sources, workdir
 from bat_jax.convert.errors import CheckpointError
 from bat_jax.models.config import EncoderConfig
 from bat_jax.models.encoder import FrozenEncoder
@@ -18,7 +18,8 @@ TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
 ACCEPTED = (
     "a Hugging Face BAT folder (model.safetensors + config.json), a model.safetensors file with its sibling "
     "config.json, a BAT .pt checkpoint (student.encoder.* tensors), an EAT/SSLAM fairseq .pt checkpoint, "
-    "or a bat-jax checkpoint folder (config.json + params/, written by `bat-jax convert`)"
+    "a bat-jax checkpoint folder (config.json + params/, written by `bat-jax convert`), or a `bat-jax "
+    "pretrain` workdir (config.json + checkpoints/)"
 )
 
 
@@ -66,16 +67,28 @@ def read_source(path: Path) -> sources.SourceState:
     raise CheckpointError(f"{path}: not a recognised encoder checkpoint; expected {ACCEPTED}")
 
 
-def load_weights(path: str | Path, *, num_heads: int | None = None) -> tuple[EncoderConfig, Any, str]:
+def load_weights(
+    path: str | Path, *, num_heads: int | None = None, step: int | None = None, teacher: bool = False
+) -> tuple[EncoderConfig, Any, str]:
     """(config, float32 numpy params, kind) from any accepted checkpoint, stored in any floating dtype.
 
-    kind is "bat_jax", "hf", "bat_pt" or "fairseq". A file that cannot be read, does not match its config or
-    holds NaN/Inf raises CheckpointError (a ValueError) naming the file and the reason; a missing path
-    FileNotFoundError; a .pt file without torch installed ImportError.
+    kind is "bat_jax", "hf", "bat_pt", "fairseq" or "workdir" (a `bat-jax pretrain` workdir: the latest
+    checkpoint's student encoder, or ``step``'s, or with ``teacher=True`` the EMA teacher). A file that
+    cannot be read, does not match its config or holds NaN/Inf raises CheckpointError (a ValueError) naming the file and the reason; a missing
+    path FileNotFoundError; a .pt file without torch installed ImportError.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder; expected {ACCEPTED}")
+    if workdir.is_workdir(path):
+        config, params = workdir.load_workdir(path, step=step, teacher=teacher)
+        resolve_heads(num_heads, config.num_heads, "its config.json", str(path))
+        return config, params, "workdir"
+    if step is not None or teacher:
+        raise ValueError(
+            f"{path}: step= and teacher= select a checkpoint of a `bat-jax pretrain` workdir (a folder with "
+            "config.json and checkpoints/); this is not one"
+        )
     if path.is_dir() and (meta := checkpoint.read_own_config(path)) is not None:
         config, params = checkpoint.load_own(path, meta)
         resolve_heads(num_heads, config.num_heads, "its config.json", str(path))
@@ -87,17 +100,24 @@ def load_weights(path: str | Path, *, num_heads: int | None = None) -> tuple[Enc
 
 
 def load_encoder(
-    path: str | Path, *, num_heads: int | None = None, dtype: Any = jnp.float32
+    path: str | Path,
+    *,
+    num_heads: int | None = None,
+    dtype: Any = jnp.float32,
+    step: int | None = None,
+    teacher: bool = False,
 ) -> FrozenEncoder:
     """Load a frozen encoder from any supported checkpoint.
 
     Accepted: a Hugging Face BAT folder or `model.safetensors` (+ sibling `config.json`), a BAT `.pt`
-    (`student.encoder.*`), an EAT/SSLAM fairseq `.pt`, or a bat-jax checkpoint folder. The architecture is
+    (`student.encoder.*`), an EAT/SSLAM fairseq `.pt`, a bat-jax checkpoint folder, or a `bat-jax pretrain`
+    workdir (the latest checkpoint's student encoder; `step=S` a given step, `teacher=True` the EMA teacher,
+    both only for a workdir). The architecture is
     read from the file (config.json, or tensor shapes); `num_heads` is needed only when the file does not
     name it (and must agree when it does). The file may store float32, float16 or bfloat16 tensors;
     parameters and computation use `dtype`. Errors: see `load_weights`.
     """
-    config, params, _ = load_weights(path, num_heads=num_heads)
+    config, params, _ = load_weights(path, num_heads=num_heads, step=step, teacher=teacher)
     name = jnp.dtype(dtype).name
     config = config.replace(dtype=name, param_dtype=name)
     params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x), name), params)

@@ -1,0 +1,85 @@
+"""Read the encoder of a `bat-jax pretrain` workdir (config.json + checkpoints/<step>/state/), by path.
+
+Kept in convert/ so that the flow stays one way (train/ writes workdirs, convert/ reads them without importing
+train/). The saved state item (bat_jax/train/checkpoint.py) is {"step", "params": {"encoder", "decoder"},
+"teacher", "opt_state", "rng"}; only the asked encoder (the student's, or the EMA teacher) is read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bat_jax.convert.errors import CheckpointError
+from bat_jax.models.config import PRESETS, EncoderConfig
+
+CONFIG_FILE = "config.json"
+CHECKPOINTS = "checkpoints"
+
+
+def is_workdir(path: Path) -> bool:
+    return path.is_dir() and (path / CHECKPOINTS).is_dir() and (path / CONFIG_FILE).is_file()
+
+
+def steps(path: Path) -> list[int]:
+    """The finished checkpoints' steps (Orbax renames a save's tmp folder to <step> when it is complete)."""
+    return sorted(int(p.name) for p in (path / CHECKPOINTS).iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def encoder_config(path: Path) -> EncoderConfig:
+    """The encoder of the workdir's resolved config: encoder.preset with encoder.overrides."""
+    try:
+        cfg = json.loads((path / CONFIG_FILE).read_text())
+        preset, overrides = cfg["encoder"]["preset"], dict(cfg["encoder"].get("overrides") or {})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{path / CONFIG_FILE}: expected a pretraining config with encoder.preset, found {e!r}"
+        ) from e
+    if preset not in PRESETS:
+        raise CheckpointError(
+            f"{path / CONFIG_FILE}: encoder.preset {preset!r}, expected one of {sorted(PRESETS)}"
+        )
+    for key in ("patch_size", "pos_grid"):
+        if key in overrides:
+            overrides[key] = tuple(overrides[key])
+    return PRESETS[preset](**overrides)
+
+
+def load_workdir(path: Path, *, step: int | None = None, teacher: bool = False) -> tuple[EncoderConfig, Any]:
+    """(config, float32-or-stored-dtype numpy params) of the student encoder (or the EMA teacher) at
+    ``step`` (default: the latest checkpoint)."""
+    import orbax.checkpoint as ocp
+
+    found = steps(path)
+    if not found:
+        raise CheckpointError(f"{path / CHECKPOINTS}: expected at least one finished checkpoint, found none")
+    if step is None:
+        step = found[-1]
+    elif step not in found:
+        raise CheckpointError(
+            f"{path / CHECKPOINTS}: expected a checkpoint of step {step}, found steps {found}"
+        )
+    state_dir = (path / CHECKPOINTS / str(step) / "state").absolute()
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        tree = checkpointer.metadata(state_dir).item_metadata.tree
+        sub = {"teacher": tree["teacher"]} if teacher else {"params": {"encoder": tree["params"]["encoder"]}}
+        restore_args = _numpy_restore_args(sub, ocp)
+        restored = checkpointer.restore(
+            state_dir, args=ocp.args.PyTreeRestore(item=sub, restore_args=restore_args, partial_restore=True)
+        )
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        why = f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"{state_dir}: not a readable pretraining state ({why})") from e
+    finally:
+        checkpointer.close()
+    return encoder_config(path), restored["teacher"] if teacher else restored["params"]["encoder"]
+
+
+def _numpy_restore_args(tree: Any, ocp) -> Any:
+    import jax
+
+    return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
