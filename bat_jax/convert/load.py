@@ -74,8 +74,9 @@ def load_weights(
 
     kind is "bat_jax", "hf", "bat_pt", "fairseq" or "workdir" (a `bat-jax pretrain` workdir: the latest
     checkpoint's student encoder, or ``step``'s, or with ``teacher=True`` the EMA teacher). A file that
-    cannot be read, does not match its config or holds NaN/Inf raises CheckpointError (a ValueError) naming the file and the reason; a missing
-    path FileNotFoundError; a .pt file without torch installed ImportError.
+    cannot be read, does not match its config or holds NaN/Inf raises CheckpointError (a ValueError)
+    naming the file and the reason; a missing path FileNotFoundError; a .pt file without torch installed
+    ImportError.
     """
     path = Path(path)
     if not path.exists():
