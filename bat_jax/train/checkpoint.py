@@ -49,29 +49,30 @@ def make_manager(workdir: str | Path, *, keep: int, keep_every: int | None, asyn
     )
 
 
-def state_tree(state: TrainState, rng: jax.Array) -> dict[str, Any]:
+def state_tree(state: TrainState, rng_data: jax.Array) -> dict[str, Any]:
     """The saved item: plain dict with the documented names (rng as its uint32 key data)."""
     return {
         "step": state.step,
         "params": state.params,
         "teacher": state.teacher_params,
         "opt_state": state.opt_state,
-        "rng": jax.random.key_data(rng),
+        "rng": rng_data,
     }
 
 
 def from_tree(tree: dict[str, Any]) -> tuple[TrainState, jax.Array]:
-    """The inverse of `state_tree`."""
+    """The inverse of `state_tree`: (state, the rng's uint32 key data)."""
     state = TrainState(tree["step"], tree["params"], tree["teacher"], tree["opt_state"])
-    return state, jax.random.wrap_key_data(tree["rng"])
+    return state, tree["rng"]
 
 
-def save(manager, step: int, state: TrainState, rng: jax.Array, loader) -> None:
-    """Start an asynchronous save of ``state`` and the loader's iterator state at ``step``."""
+def save(manager, step: int, state: TrainState, rng_data: jax.Array, loader) -> None:
+    """Start an asynchronous save of ``state``, the rng (its uint32 key data) and the loader's iterator
+    state at ``step``."""
     manager.save(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state_tree(state, rng)),
+            state=ocp.args.StandardSave(state_tree(state, rng_data)),
             data=grain.checkpoint.CheckpointSave(loader),
         ),
         force=True,
