@@ -7,6 +7,7 @@ checked (`--config.train.steps=1.5` is refused), an unknown field is an error na
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 HELP = """\
@@ -77,10 +78,14 @@ def parse_config(path: str, overrides: list[str]):
         values(argv)
         return values.config
     except (AttributeError, KeyError) as e:  # an unknown field: ml_collections says which, with a suggestion
-        field = str(e.args[0]).split("\n")[0] if e.args else ""
-        hint = str(e.args[0]).split("\n", 1)[1] if e.args and "\n" in str(e.args[0]) else ""
-        flag = next((o for o in overrides if field.strip("'") in o), overrides)
-        raise ValueError(f"{flag}: no config field {field} in {path}. {hint}".strip()) from None
+        text = str(e).replace("\\n", "\n").replace("\\'", "'")
+        names = re.findall(r"'(\w+)'", text)
+        field = names[0] if names else text
+        hint = re.search(r'Did you mean "(\w+)"', text)
+        flag = next((o for o in overrides if re.search(rf"[.]{re.escape(field)}(=|[.]|$)", o)), None)
+        flag = flag.split("=")[0] if flag else "--config"
+        suggestion = f' (did you mean "{hint.group(1)}"?)' if hint else ""
+        raise ValueError(f"{flag}: no config field {field!r} in {path}{suggestion}") from None
     except flags.Error as e:
         raise ValueError(f"{path}: {e}") from None
 

@@ -81,13 +81,16 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         _fail("optim.warmup_steps", f"0 <= warmup_steps < train.steps = {cfg.train.steps}", warmup)
     try:
         encoder = config_lib.encoder_config(cfg)
-        config_lib.ssl_config(cfg), config_lib.optimizer(cfg)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
     patch_t = encoder.patch_size[0]
     if int(cfg.frames) % patch_t:
         expected = f"a multiple of the encoder's time patch size {patch_t} (encoder.patch_size)"
         _fail("frames", expected, cfg.frames)
+    try:
+        config_lib.ssl_config(cfg), config_lib.optimizer(cfg)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
     batch, devices = int(cfg.data.global_batch_size), _batch_devices(cfg)
     if batch % devices:
         _fail("data.global_batch_size", f"a multiple of the {devices} devices the batch is split over", batch)
