@@ -85,8 +85,9 @@ def test_mesh_from_config_resolves_the_rest_and_names_axis_types():
     assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
     assert mesh.axis_types == (AxisType.Auto, AxisType.Auto)
     assert jax.config.jax_threefry_partitionable
-    cfg.mesh.axis_types.fsdp = "explicit"
-    assert mesh_lib.make_mesh(cfg).axis_types == (AxisType.Auto, AxisType.Explicit)
+    cfg.mesh.axis_types.fsdp = "explicit"  # the models' sharding constraints would become assertions
+    with pytest.raises(ValueError, match=r"mesh.axis_types .*expected one of \['auto'\].*'fsdp': 'explicit'"):
+        mesh_lib.make_mesh(cfg)
     assert mesh_lib.batch_sharding(mesh).spec == PartitionSpec(("data", "fsdp"))
 
 
@@ -272,3 +273,14 @@ def test_micro_batches_are_strided_so_each_device_keeps_its_rows():
     np.testing.assert_array_equal(parts[:, :, 0], [[0, 2, 4, 6], [1, 3, 5, 7]])
     with pytest.raises(ValueError, match="micro_batches=3, found 8 rows"):
         micro_split(x, 3)
+
+
+@pytest.mark.parametrize("name", ["bat_base", "bat_small", "eat_style", "tiny"])
+def test_every_pretrain_config_has_a_mesh_and_rules_the_models_use(name):
+    cfg = train_config.pretrain_config(name)
+    mesh = mesh_lib.make_mesh(cfg)  # data = -1: every device; the config's batch divides over 8
+    assert dict(mesh.shape) == {"data": 8, "fsdp": 1} and mesh_lib.micro_batches(cfg) == 1
+    shardings = sharded.state_shardings(
+        train_config.ssl_config(cfg), train_config.optimizer(cfg), mesh, mesh_lib.logical_rules(cfg)
+    )
+    assert jax.tree.leaves(shardings.params)
