@@ -77,3 +77,25 @@ class Progress:
 
     def close(self) -> None:
         self._bar.close()
+
+
+def summary(workdir: str | Path) -> str:
+    """What a finished run left: first and last logged loss, the workdir's layout, the TensorBoard command."""
+    workdir = Path(workdir)
+    rows = read_metrics(workdir)
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    lines = [
+        f"loss: {rows[0]['loss']:.4f} at step {rows[0]['step']} -> {rows[-1]['loss']:.4f} at step "
+        f"{rows[-1]['step']} ({len(rows)} log lines)",
+        f"{workdir}/",
+        "  config.json            the resolved config",
+        f"  checkpoints/<step>/    Orbax checkpoints, steps {steps}",
+        f"  {METRICS_FILE}          one JSON object per log line",
+        f"  {TB_DIR}/                    TensorBoard events:  tensorboard --logdir {workdir / TB_DIR}",
+        f"the encoder: python -c \"import bat_jax; enc = bat_jax.load_encoder('{workdir}')\"",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(summary(sys.argv[1]))
