@@ -108,7 +108,8 @@ def run(
         workdir, keep=int(cfg.train.keep), keep_every=int(cfg.train.keep_every) or None
     )
     try:
-        return _run(cfg, workdir, job, loader, manager, progress, say)
+        with _StopFlag() as stop:  # installed before the restore and the compile: no SIGTERM is lost
+            return _run(cfg, workdir, job, loader, manager, stop, progress, say)
     finally:
         error = ckpt.wait(manager)
         manager.close()
@@ -131,7 +132,7 @@ def _start(cfg, workdir, job, loader, manager, say):
     return state, rng, 0
 
 
-def _run(cfg, workdir, job, loader, manager, progress, say) -> int:
+def _run(cfg, workdir, job, loader, manager, stop, progress, say) -> int:
     state, rng_data, start = _start(cfg, workdir, job, loader, manager, say)
     rng = jax.random.wrap_key_data(rng_data)
     total, log_every = int(cfg.train.steps), int(cfg.train.log_every)
@@ -149,7 +150,7 @@ def _run(cfg, workdir, job, loader, manager, progress, say) -> int:
     window = {"steps": 0, "time": 0.0, "wait": 0.0}
     step = start
     try:
-        with _StopFlag() as stop, jax.transfer_guard("disallow"):
+        with jax.transfer_guard("disallow"):
             tick = time.perf_counter()
             while step < total:
                 batch = next(loader)  # placed on the mesh by the loader (explicit device_put)
