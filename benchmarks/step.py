@@ -3,6 +3,8 @@ ViT decoder, AdamW update and EMA update, jitted (state donated), warm-up exclud
 
     python -m benchmarks.step                 # tiny, then BAT-B (1 clip × bat_base's 16 views), CPU
     python -m benchmarks.step --size base --batch 48 --views 16 --dtype bfloat16      # a GPU / TPU
+    python -m benchmarks.step --size tiny --dim 192 --depth 4 --heads 3 --decoder-depth 2 --batch 4 \
+        --views 16 --iters 3      # the config timed side by side with the official code (RESULTS.md)
 
 Reports compile time (AOT lower + compile; the jitted step reuses the executable), seconds per step (median
 after one warm-up step), the jit cache size (stays 1: new mask keys never recompile), and the model FLOPs
@@ -48,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="computation dtype")
     p.add_argument("--remat", default="none", help="none, full or a jax.checkpoint_policies name")
     p.add_argument("--matmul", type=int, default=4096, help="side of the square reference matmul (0: skip)")
+    p.add_argument("--dim", type=int, default=None, help="encoder width (default: the size's)")
+    p.add_argument("--depth", type=int, default=None, help="encoder blocks (default: the size's)")
+    p.add_argument("--heads", type=int, default=None, help="encoder and decoder heads (default: the size's)")
+    p.add_argument("--decoder-depth", type=int, default=None, help="decoder blocks (default: the size's)")
     return p.parse_args(argv)
 
 
@@ -58,8 +64,11 @@ def make_config(size: str, args: argparse.Namespace) -> ssl_objective.SSLConfig:
     views = paper.num_views if args.views is None else args.views
     frames = paper.frames if args.frames is None else args.frames
     cfg = train_config.ssl_preset(SIZES[size], num_views=views, frames=frames)
-    encoder = cfg.encoder.replace(dtype=args.dtype, param_dtype="float32", remat_policy=args.remat)
-    return cfg.replace(encoder=encoder)
+    arch = {"dim": args.dim, "depth": args.depth, "num_heads": args.heads}
+    arch = {k: v for k, v in arch.items() if v is not None}
+    encoder = cfg.encoder.replace(dtype=args.dtype, param_dtype="float32", remat_policy=args.remat, **arch)
+    dec = {"decoder_depth": args.decoder_depth, "decoder_heads": args.heads}
+    return cfg.replace(encoder=encoder, **{k: v for k, v in dec.items() if v is not None})
 
 
 # ----------------------------------------------------------------------------------------------------
