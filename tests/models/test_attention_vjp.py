@@ -21,7 +21,9 @@ def test_attention_value_and_grads_match_dot_product_attention():
 
 def test_gelu_exact_value_and_grad_match_jax_gelu():
     x = jnp.linspace(-9.0, 9.0, 301)
-    np.testing.assert_allclose(gelu_exact(x), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)  # 1 + erf cancels below x ≈ -5 (torch the same)
+    np.testing.assert_allclose(
+        gelu_exact(x), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6
+    )  # 1 + erf cancels below x ≈ -5 (torch the same)
     d_ours = jax.vmap(jax.grad(gelu_exact))(x)
     d_ref = jax.vmap(jax.grad(lambda y: jax.nn.gelu(y, approximate=False)))(x)
     np.testing.assert_allclose(d_ours, d_ref, rtol=1e-5, atol=1e-6)
