@@ -22,16 +22,11 @@ from bat_jax.models.encoder import (
     unbox,
 )
 from bat_jax.models.layers import Block, sincos_2d
+from bat_jax.train.config import pretrain_config
+from bat_jax.train.mesh import logical_rules
 
-RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("length", None),
-    ("mlp", None),
-    ("qkv", None),
-    ("heads", None),
-    ("kv", None),
-)
+# The logical-axis rules of the pretraining configs (their one home: configs/pretrain/bat_base.py).
+RULES = logical_rules(pretrain_config("bat_base"))
 
 
 def spec(batch, frames, seed=0, n_mels=128):
