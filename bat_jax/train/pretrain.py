@@ -17,12 +17,10 @@ Exit status of `run`: 0 finished or stopped by SIGTERM after saving, 1 NaN/Inf l
 
 from __future__ import annotations
 
-import math
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -211,7 +209,3 @@ def _nan_stop(first_bad: int, last_saved: int | None, workdir: Path, bar: Progre
     )
     bar.write(f"bat-jax pretrain: the loss is NaN or Inf at step {first_bad}; stopped; {where}")
     return 1
-
-
-def param_count(tree: Any) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from bat_jax.models.encoder import param_count
 from bat_jax.train import checkpoint as ckpt
 from bat_jax.train import config as config_lib
 from bat_jax.train import step as step_lib
@@ -140,8 +141,7 @@ class Job:
         axes = self.batch_sharding.spec[0] if self.batch_sharding.spec else ()
         axes = (axes,) if isinstance(axes, str) else axes or ()
         per_device = int(self.cfg.data.global_batch_size) // math.prod(self.mesh.shape[a] for a in axes)
-        student = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
-        encoder = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params["encoder"]))
+        student, encoder = param_count(state.params), param_count(state.params["encoder"])
         mem = "n/a"
         if memory is not None:
             total = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
