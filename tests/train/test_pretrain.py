@@ -7,76 +7,23 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 import bat_jax
 from bat_jax import cli
 from bat_jax.convert.errors import CheckpointError
-from bat_jax.train import pretrain
 from bat_jax.train import setup as setup_lib
-from bat_jax.train.cli import parse_config
 from bat_jax.train.metrics import read_metrics
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = str(REPO / "configs" / "pretrain" / "tiny.py")
-FRAMES = 64
-STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    """A synthetic prepared folder at 64 frames per clip (0.63 s)."""
-    root = tmp_path_factory.mktemp("prepared") / "d64"
-    rc = cli.main(
-        ["prepare", "--source", "synthetic", "--out", str(root), "--num-clips", "24", "--num-eval-clips", "4",
-         "--clip-seconds", "0.63", "--workers", "1", "--no-progress"]
-    )  # fmt: skip
-    assert rc == 0
-    return root
-
-
-def _overrides(root, **train) -> list[str]:
-    base = {"steps": STEPS, "log_every": 2, "checkpoint_every": 2, "keep": 5, "keep_every": 0}
-    base.update(train)
-    return [f"--config.data.root={root}", f"--config.frames={FRAMES}", "--config.optim.warmup_steps=2"] + [
-        f"--config.train.{k}={v}" for k, v in base.items()
-    ]
-
-
-def _config(root, *extra, **train):
-    return parse_config(TINY, _overrides(root, **train) + list(extra))
-
-
-def _run(cfg, workdir) -> tuple[int, list[str]]:
-    lines = []
-    return pretrain.run(cfg, workdir, progress=False, say=lines.append), lines
-
-
-def _state(workdir: Path, step: int) -> dict:
-    """The saved state item of a checkpoint, as numpy."""
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        return checkpointer.restore((workdir / "checkpoints" / str(step) / "state").absolute())
-
-
-def _assert_trees_equal(a, b):
-    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert jax.tree.structure(a) == jax.tree.structure(b) and len(leaves_a) > 10
-    for x, y in zip(leaves_a, leaves_b, strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-@pytest.fixture(scope="module")
-def straight_run(data_root, tmp_path_factory):
-    """STEPS updates in one run (checkpoints every 2)."""
-    workdir = tmp_path_factory.mktemp("straight") / "run"
-    rc, lines = _run(_config(data_root), workdir)
-    return workdir, rc, lines
+from tests.train.conftest import FRAMES, STEPS, TINY
+from tests.train.conftest import assert_trees_equal as _assert_trees_equal
+from tests.train.conftest import config as _config
+from tests.train.conftest import overrides as _overrides
+from tests.train.conftest import run as _run
+from tests.train.conftest import saved_state as _state
 
 
 def test_run_writes_the_documented_workdir_layout(straight_run):
