@@ -8,16 +8,11 @@ ViT decoder, AdamW update and EMA update, jitted (state donated), warm-up exclud
 
 Reports compile time (AOT lower + compile; the jitted step reuses the executable), seconds per step (median
 after one warm-up step), the jit cache size (stays 1: new mask keys never recompile), and the model FLOPs
-counted two ways: analytically (formula below) and by XLA (`compiled.cost_analysis()["flops"]`), each as
+counted two ways: analytically (see below) and by XLA (`compiled.cost_analysis()["flops"]`), each as
 achieved FLOP/s and as a fraction of a large jitted matmul's FLOP/s measured in the same run.
 
-Analytic count (matmuls only; LayerNorm, GELU, softmax, masking and the optimizer are not counted):
-    one block on n tokens of width D, MLP width M, per sequence:
-        2·n·(3D² qkv + D² out + D² gate + 2·D·M mlp) + 4·n²·D (q·kᵀ, attn·v)  = 26·n·D² + 4·n²·D (M = 4D)
-    student encoder: B·V sequences of K + 1 tokens (K = 102 kept + CLS), L blocks, + patch embedding
-    decoder:         B·V sequences of N = 512 tokens, L_dec blocks, + output projection 2·N·D_dec·D
-    teacher:         B sequences of N + 1 tokens, L blocks, + patch embedding (2·N·256·D per clip)
-    step = 3 × (student + decoder) (forward + backward ≈ 3 forwards) + 1 × teacher (forward only)
+The analytic count (matmuls only, forward + backward ≈ 3 forwards for the student and the decoder, the
+teacher forward once) is `bat_jax.train.flops.flops_breakdown`, the formula the pretraining job's MFU uses.
 Params are float32; ``--dtype bfloat16`` sets the computation dtype of the encoder and decoder.
 """
 
@@ -33,8 +28,8 @@ import numpy as np
 
 from bat_jax.models import ssl_objective
 from bat_jax.models.encoder import param_count
-from bat_jax.models.masking import num_kept
 from bat_jax.train import config as train_config
+from bat_jax.train.flops import flops_breakdown
 from bat_jax.train.step import init_train_state, jit_train_step
 
 SIZES = {"tiny": "tiny", "base": "bat_base"}  # --size → configs/pretrain/<name>.py
@@ -73,32 +68,6 @@ def make_config(size: str, args: argparse.Namespace) -> ssl_objective.SSLConfig:
 
 # ----------------------------------------------------------------------------------------------------
 # FLOPs
-
-
-def block_flops(n: int, d: int, mlp: int, gate: bool) -> int:
-    """Matmul FLOPs of one transformer block on one sequence of n tokens (forward)."""
-    dense = 3 * d * d + d * d + (d * d if gate else 0) + 2 * d * mlp
-    return 2 * n * dense + 4 * n * n * d
-
-
-def analytic_flops(cfg: ssl_objective.SSLConfig, batch: int) -> dict[str, float]:
-    enc, dec = cfg.encoder, cfg.decoder
-    n, k, rows = cfg.num_patches, num_kept(cfg.num_patches, cfg.mask_ratio), batch * cfg.num_views
-    patch_area = enc.patch_size[0] * enc.patch_size[1]
-    embed = 2 * batch * n * patch_area * enc.dim  # once per clip (the views gather from it)
-    student = embed + rows * enc.depth * block_flops(k + 1, enc.dim, enc.mlp_dim, enc.use_gate)
-    d_dec = dec.width
-    decoder = rows * dec.depth * block_flops(n, d_dec, int(d_dec * dec.mlp_ratio), dec.use_gate)
-    decoder += 2 * rows * n * d_dec * enc.dim  # out_proj
-    if d_dec != enc.dim:
-        decoder += 2 * rows * k * enc.dim * d_dec  # in_proj
-    teacher = embed + batch * enc.depth * block_flops(n + 1, enc.dim, enc.mlp_dim, enc.use_gate)
-    return {
-        "student_fwd": float(student),
-        "decoder_fwd": float(decoder),
-        "teacher_fwd": float(teacher),
-        "step": float(3 * (student + decoder) + teacher),
-    }
 
 
 def xla_flops(compiled) -> float:
@@ -156,7 +125,7 @@ def bench(size: str, args: argparse.Namespace, peak: float | None) -> dict:
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
 
-    flops = analytic_flops(cfg, args.batch)
+    flops = flops_breakdown(cfg, args.batch)
     counted = xla_flops(compiled)
     result = {
         "size": size,

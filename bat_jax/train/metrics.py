@@ -3,9 +3,23 @@
 metrics.jsonl: one JSON object per log line, e.g.
     {"step": 10, "loss": 1.93, "global_loss": 0.97, "local_loss": 0.96, "target_var": 0.99, "pred_var": 0.41,
      "lr": 0.0005, "ema_decay": 0.9998, "grad_norm": 3.1, "clips_per_s": 41.0, "step_time_s": 0.19,
-     "data_wait_s": 0.002, "time": 1764620000.0}
-(``step`` = completed updates; the timings are means over the steps since the previous line.) TensorBoard:
-the same scalars, tagged ``train/<name>``: ``tensorboard --logdir WORKDIR/tb``.
+     "data_wait_s": 0.002, "mfu": 0.41, "time": 1764620000.0}
+The names (``step`` = completed updates; the step's values are those of the update to ``step``, the timings
+means over the steps since the previous line; NaN / Inf are written as null):
+    loss, global_loss, local_loss  the SSL loss = global_weight · global + local_weight · local (float32)
+    target_var, pred_var           mean over features of the std of the teacher targets / of the decoder's
+                                   predictions on masked patches over the whole batch (collapse detectors:
+                                   they fall towards 1e-3 when the features stop varying)
+    lr, ema_decay                  the learning rate and the EMA decay that update used
+    grad_norm                      global L2 norm of the student's gradient (float32; with micro-batches the
+                                   averaged gradient the update used)
+    clips_per_s, step_time_s       global batch / mean step time, and the mean wall time of one step
+    data_wait_s                    mean time per step spent waiting for the loader
+    mfu                            model FLOPs utilisation: analytic model FLOPs per step / step_time_s /
+                                   (peak FLOP/s per device x devices); the peak and where it came from are
+                                   on the run's first line (bat_jax/train/flops.py, setup.Job.mfu)
+    time                           Unix time of the line
+TensorBoard: the same scalars, tagged ``train/<name>``: ``tensorboard --logdir WORKDIR/tb``.
 """
 
 from __future__ import annotations

@@ -2,13 +2,17 @@
 
 `check_config` fails before anything compiles, naming the field (``ConfigError``, a ValueError).
 `build` returns a `Job`: the mesh and the batch's sharding, the state's initialiser and abstract form (for a
-restore onto any mesh), and the compiled step. The sharded path (bat_jax/train/mesh.py, sharded.py) is
-used when the config has a ``mesh`` section; without one the run is on one device (train/step.py).
+restore onto any mesh), the compiled step, the model FLOPs of one update (``flops_per_step``, analytic) and
+the device peak (``peak``, from config, a table or measured once; bat_jax/train/flops.py), so that the loop
+gets the MFU of a window of steps as ``job.mfu(step_time_s)`` with no extra compile. The sharded path
+(bat_jax/train/mesh.py, sharded.py) is used when the config has a ``mesh`` section; without one the run is on
+one device (train/step.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -24,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from bat_jax.models.encoder import param_count
 from bat_jax.train import checkpoint as ckpt
 from bat_jax.train import config as config_lib
+from bat_jax.train import flops as flops_lib
 from bat_jax.train import step as step_lib
 
 _WHERE = "bat_jax/train/setup.py"
@@ -92,6 +97,10 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         config_lib.ssl_config(cfg), config_lib.optimizer(cfg)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
+    try:
+        flops_lib.configured_peak(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     batch, devices = int(cfg.data.global_batch_size), _batch_devices(cfg)
     if batch % devices:
         _fail("data.global_batch_size", f"a multiple of the {devices} devices the batch is split over", batch)
@@ -115,6 +124,17 @@ class Job:
     init_state: Callable[[], step_lib.TrainState]
     abstract_state: Callable[[], step_lib.TrainState]
     jit_step: Callable[[], Callable]
+    flops_per_step: float = 0.0  # model FLOPs of one update on the global batch (flops.step_flops)
+
+    @functools.cached_property
+    def peak(self) -> flops_lib.Peak:
+        """Peak FLOP/s of one device and its source (flops.peak_flops), worked out (measured, if need be)
+        once, on first use."""
+        return flops_lib.peak_flops(self.cfg, list(self.mesh.devices.flat))
+
+    def mfu(self, step_time_s: float) -> float:
+        """Model FLOPs utilisation of a step taking ``step_time_s`` seconds, over all the mesh's devices."""
+        return flops_lib.mfu(self.flops_per_step, step_time_s, self.peak.flops_per_s, self.mesh.devices.size)
 
     def abstract_tree(self) -> dict[str, Any]:
         return ckpt.abstract_tree(self.abstract_state(), self.replicated)
@@ -136,7 +156,8 @@ class Job:
         return compiled, memory
 
     def describe(self, state, memory) -> str:
-        """The run's first line: mesh, devices, per-device batch, parameter count, compiled memory."""
+        """The run's first line: mesh, devices, per-device batch, parameter count, compiled memory, model
+        FLOPs per step and the device peak the MFU is taken against (with its source)."""
         devices = self.mesh.devices.size
         axes = self.batch_sharding.spec[0] if self.batch_sharding.spec else ()
         axes = (axes,) if isinstance(axes, str) else axes or ()
@@ -150,7 +171,8 @@ class Job:
         return (
             f"bat-jax pretrain: mesh {dict(self.mesh.shape)}, {devices} {jax.devices()[0].platform} devices, "
             f"{per_device} clips x {self.cfg.ssl.num_views} views per device, {student:,} student parameters "
-            f"({encoder:,} encoder), compiled step memory {mem}"
+            f"({encoder:,} encoder), compiled step memory {mem}, {self.flops_per_step:.3g} model FLOPs per "
+            f"step, MFU against {self.peak.flops_per_s:.3g} FLOP/s per device ({self.peak.source})"
         )
 
 
@@ -158,8 +180,9 @@ def build(cfg: ml_collections.ConfigDict) -> Job:
     """The run's Job: sharded over cfg.mesh when the config has one, else on the first device."""
     ssl, tx = config_lib.ssl_config(cfg), config_lib.optimizer(cfg)
     rng = jax.random.key(int(cfg.train.seed))
+    flops_per_step = flops_lib.step_flops(ssl, int(cfg.data.global_batch_size))
     if "mesh" in cfg:
-        return _sharded_job(cfg, ssl, tx, rng)
+        return _sharded_job(cfg, ssl, tx, rng, flops_per_step)
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1), ("data",))
     one = NamedSharding(mesh, PartitionSpec())
 
@@ -172,11 +195,11 @@ def build(cfg: ml_collections.ConfigDict) -> Job:
 
     return Job(
         cfg, mesh, NamedSharding(mesh, PartitionSpec("data")), one, init, abstract,
-        lambda: step_lib.jit_train_step(ssl, tx),
+        lambda: step_lib.jit_train_step(ssl, tx), flops_per_step,
     )  # fmt: skip
 
 
-def _sharded_job(cfg, ssl, tx, rng) -> Job:
+def _sharded_job(cfg, ssl, tx, rng, flops_per_step) -> Job:
     from bat_jax.train import mesh as mesh_lib
     from bat_jax.train import sharded
 
@@ -198,7 +221,8 @@ def _sharded_job(cfg, ssl, tx, rng) -> Job:
         micro = mesh_lib.micro_batches(cfg)
         return sharded.jit_step(ssl, tx, mesh, rules, shardings["state"], batch_sharding, micro_batches=micro)
 
-    return Job(cfg, mesh, batch_sharding, mesh_lib.replicated(mesh), init, abstract, jit_step)
+    replicated = mesh_lib.replicated(mesh)
+    return Job(cfg, mesh, batch_sharding, replicated, init, abstract, jit_step, flops_per_step)
 
 
 def init_from(state: step_lib.TrainState, source: str, job: Job, say) -> step_lib.TrainState:

@@ -15,8 +15,11 @@ Gradient accumulation (``micro_batches`` m > 1): the masks are drawn once for th
 with m = 1), the batch is cut into m strided micro-batches (rows i, i + m, i + 2m, ...: each device keeps its
 own rows) and the update uses the mean of their gradients, which equals the whole batch's gradient up to
 float32 summation order (every loss term is a mean over equally many rows and masked patches). The metrics
-are the micro-batch means: exact for the losses, an approximation for target_var / pred_var (variances).
-Sharded over a mesh: bat_jax/train/sharded.py.
+equal the whole batch's too: the losses are the micro-batch means, and target_var / pred_var are computed from
+per-feature moments (count, mean, sum of squared deviations) merged across the micro-batches (Chan et al.'s
+pairwise update), not averaged. ``grad_norm`` is the global L2 norm (float32) of the gradient the update
+uses (the mean over the micro-batches), the same whatever the mesh. Sharded over a mesh:
+bat_jax/train/sharded.py.
 """
 
 from __future__ import annotations
@@ -33,18 +36,22 @@ import optax
 
 from bat_jax.models.ema import ema_decay, ema_update
 from bat_jax.models.encoder import unbox
+from bat_jax.models.ssl_losses import ssl_losses
 from bat_jax.models.ssl_objective import (
     SSLConfig,
     bat_ssl_loss,
-    bat_ssl_loss_with_masks,
+    check_batch,
     draw_student_masks,
     init_params,
+    student_forward,
+    teacher_targets,
 )
 
 Array = jax.Array
 PyTree = Any
 
 _WHERE = "bat_jax/train/step.py"
+_VAR_EPS = 1e-6  # bat_jax.models.ssl_losses.feature_std's eps (target_var / pred_var)
 
 
 @flax.struct.dataclass
@@ -115,16 +122,69 @@ def micro_split(x: Array, micro_batches: int) -> Array:
     return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
 
 
+# ----------------------------------------------------------------------------------------------------
+# Variance metrics that merge exactly over micro-batches
+
+
+def feature_moments(x: Array, where: Array | None = None) -> tuple[Array, Array, Array]:
+    """(count [], mean [D], sum of squared deviations [D]) of ``x`` [..., D] over its rows (the leading axes;
+    ``where`` [...] selects rows), float32: what `ssl_losses.feature_std` reduces, in a form that merges."""
+    x = x.astype(jnp.float32).reshape(-1, x.shape[-1])  # [R, D]
+    w = jnp.ones(x.shape[:1], jnp.float32) if where is None else where.reshape(-1).astype(jnp.float32)  # [R]
+    count = jnp.sum(w)
+    mean = jnp.sum(x * w[:, None], axis=0) / count  # [D]
+    return count, mean, jnp.sum(jnp.square(x - mean) * w[:, None], axis=0)
+
+
+def merge_moments(a: tuple[Array, Array, Array], b: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+    """The moments of two row sets together (Chan, Golub & LeVeque's pairwise update); ``a`` may be empty
+    (count 0), ``b`` may not."""
+    (na, ma, sa), (nb, mb, sb) = a, b
+    n = na + nb
+    delta = mb - ma  # [D]
+    return n, ma + delta * (nb / n), sa + sb + jnp.square(delta) * (na * nb / n)
+
+
+def moments_std(moments: tuple[Array, Array, Array]) -> Array:
+    """``feature_std`` from moments: mean over features of sqrt(unbiased variance + eps)."""
+    count, _, ssd = moments
+    return jnp.mean(jnp.sqrt(ssd / (count - 1) + _VAR_EPS))
+
+
+def _loss_with_moments(
+    params: PyTree, teacher_params: PyTree, spec: Array, mask: Array, ids_keep: Array, config: SSLConfig
+) -> tuple[Array, tuple[dict[str, Array], dict[str, tuple[Array, Array, Array]]]]:
+    """`ssl_objective.bat_ssl_loss_with_masks` with target_var / pred_var left as `feature_moments` (the
+    same pieces in the same order, so the loss is the same): (loss, ({loss, global_loss, local_loss},
+    {"target_var": moments of the targets, "pred_var": moments of the masked predictions}))."""
+    targets = teacher_targets(teacher_params, spec, config)  # [B, N, D]
+    cls, pred = student_forward(params, spec, ids_keep, config)  # [B·V, D], [B·V, N, D]
+    metrics = ssl_losses(
+        pred, cls, targets, mask, config.num_views, config.global_weight, config.local_weight
+    )
+    moments = {
+        "target_var": feature_moments(targets),
+        "pred_var": feature_moments(jax.lax.stop_gradient(pred), mask),
+    }
+    return metrics["loss"], (metrics, moments)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The step
+
+
 def loss_grads(
     params: PyTree, teacher_params: PyTree, spec: Array, key: Array, config: SSLConfig, micro_batches: int = 1
 ) -> tuple[dict[str, Array], PyTree]:
     """(metrics, gradients of the SSL loss w.r.t. the student ``params``) on ``spec`` [B, T, F] with masks
-    drawn from ``key``; with ``micro_batches`` m > 1, means over m strided micro-batches (module doc)."""
+    drawn from ``key``; with ``micro_batches`` m > 1, the mean gradient over m strided micro-batches and the
+    whole batch's metrics (module doc)."""
     if micro_batches == 1:
         (_, metrics), grads = jax.value_and_grad(bat_ssl_loss, has_aux=True)(
             params, teacher_params, spec, key, config
         )
         return metrics, grads
+    check_batch(spec, config)
     b, v = spec.shape[0], config.num_views
     mask, ids_keep = draw_student_masks(key, b, config)  # [B·V, N], [B·V, K], rows clip-major
     specs = micro_split(spec, micro_batches)  # [m, B/m, T, F]
@@ -132,19 +192,22 @@ def loss_grads(
     masks = micro_split(mask.reshape(b, v, -1), micro_batches).reshape(rows)  # [m, B/m·V, N]
     ids = micro_split(ids_keep.reshape(b, v, -1), micro_batches).reshape(rows)  # [m, B/m·V, K]
 
-    def micro(xs: tuple[Array, Array, Array]) -> tuple[PyTree, dict[str, Array]]:
-        grad_fn = jax.value_and_grad(bat_ssl_loss_with_masks, has_aux=True)
-        (_, metrics), grads = grad_fn(params, teacher_params, *xs, config)
-        return grads, metrics
+    def micro(xs: tuple[Array, Array, Array]) -> tuple[PyTree, dict[str, Array], dict[str, tuple]]:
+        grad_fn = jax.value_and_grad(_loss_with_moments, has_aux=True)
+        (_, (losses, moments)), grads = grad_fn(params, teacher_params, *xs, config)
+        return grads, losses, moments
 
-    def body(total: PyTree, xs: tuple[Array, Array, Array]) -> tuple[PyTree, None]:
-        return jax.tree.map(jnp.add, total, micro(xs)), None
+    def body(total: tuple, xs: tuple[Array, Array, Array]) -> tuple[tuple, None]:
+        grads, losses, moments = micro(xs)
+        sums = jax.tree.map(jnp.add, total[:2], (grads, losses))
+        merged = {k: merge_moments(total[2][k], m) for k, m in moments.items()}
+        return (*sums, merged), None
 
     first = (specs[0], masks[0], ids[0])
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(micro, first))
-    (grads, metrics), _ = jax.lax.scan(body, zeros, (specs, masks, ids))
-    grads, metrics = jax.tree.map(lambda a: a / micro_batches, (grads, metrics))
-    return metrics, grads
+    (grads, losses, moments), _ = jax.lax.scan(body, zeros, (specs, masks, ids))
+    grads, losses = jax.tree.map(lambda a: a / micro_batches, (grads, losses))
+    return {**losses, **{k: moments_std(m) for k, m in moments.items()}}, grads
 
 
 def train_step(
@@ -157,8 +220,9 @@ def train_step(
 ) -> tuple[TrainState, dict[str, Array]]:
     """One update on ``spec`` [B, T, F] with masks drawn from ``key`` (gradients accumulated over
     ``micro_batches``); returns the new state and the float32 metrics {loss, global_loss, local_loss,
-    target_var, pred_var, ema_decay}."""
+    target_var, pred_var, grad_norm, ema_decay}."""
     metrics, grads = loss_grads(state.params, state.teacher_params, spec, key, config, micro_batches)
+    metrics = {**metrics, "grad_norm": grad_norm(grads)}
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(state.step, config.ema_start, config.ema_end, config.ema_warmup_steps)
@@ -166,6 +230,12 @@ def train_step(
     metrics = {**metrics, "ema_decay": decay}
     new_state = state.replace(step=state.step + 1, params=params, teacher_params=teacher, opt_state=opt_state)
     return new_state, metrics
+
+
+def grad_norm(grads: PyTree) -> Array:
+    """Global L2 norm of a gradient pytree, float32 [] (``optax.tree.norm`` of the float32 leaves); over
+    sharded gradients inside a jitted step it is the norm of the whole tree (XLA adds the reduction)."""
+    return optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
 
 
 def jit_train_step(

@@ -88,4 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.keep = 3  # checkpoints kept: the last `keep` ...
     c.train.keep_every = 50_000  # ... plus every `keep_every`-th step (0: none)
     c.train.init_from = ""  # continued pretraining: anything bat_jax.load_encoder reads ("": random init)
+    # The MFU's denominator: peak FLOP/s of one device (e.g. 989e12, an H100 SXM at bf16). 0: the vendor's
+    # figure for a known TPU / GPU (bat_jax/train/flops.py PEAK_TABLE), else a matmul measured at the start.
+    c.train.peak_flops_per_device = 0.0
     return c
