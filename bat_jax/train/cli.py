@@ -40,7 +40,18 @@ resume and preemption:
   SIGTERM saves at the next step boundary and exits 0 with a message; a NaN/Inf loss stops the run (exit 1)
   naming the step and the last good checkpoint. bat_jax.load_encoder(DIR) loads the latest student encoder.
 
-exit status: 0 done or saved after SIGTERM, 1 NaN/Inf loss or a failed save, 2 a config error.
+several processes (hosts): one process per host (TPU VM worker) or per GPU, all with the same command;
+  --coordinator-address HOST:PORT --num-processes N --process-id I   start jax.distributed with them (all
+                                   three, I = 0..N-1; HOST:PORT is process 0's address and a free port)
+  --local-device-ids 0,1           the devices this process uses (default: all it sees)
+  without these flags the environment decides: an `srun` step of several SLURM tasks, several Open MPI
+  ranks, a Cloud TPU VM or GKE TPU workers, or JAX_COORDINATOR_ADDRESS set, call jax.distributed.initialize()
+  (JAX finds the rest); otherwise the run is one process. --single-process skips this detection.
+  Each process reads its share of the data; process 0 alone writes config.json, metrics.jsonl, tb/ and the
+  console; all write the checkpoint together; SIGTERM to any of them stops all after the same step, saved.
+  The config needs a mesh section spanning every process's devices (mesh.shape over jax.device_count()).
+
+exit status: 0 done or saved after SIGTERM, 1 NaN/Inf loss or a failed save, 2 a config or flag error.
 
 example:
   bat-jax prepare --source synthetic --out data/demo
@@ -58,6 +69,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, metavar="FILE", help="an ml_collections config file")
     parser.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints, metrics, config.json")
     parser.add_argument("--no-progress", action="store_true", help="no console progress bar")
+    multi = parser.add_argument_group("several processes (see above)")
+    multi.add_argument(
+        "--coordinator-address", metavar="HOST:PORT", help="process 0's address and a free port"
+    )
+    multi.add_argument("--num-processes", type=int, metavar="N", help="the processes of the run")
+    multi.add_argument("--process-id", type=int, metavar="I", help="this process's number, 0..N-1")
+    multi.add_argument("--local-device-ids", metavar="IDS", help="this process's devices, e.g. 0,1")
+    multi.add_argument(
+        "--single-process", action="store_true", help="never start jax.distributed, whatever the environment"
+    )
     parser.set_defaults(func=run, config_overrides=True)
     return parser
 
@@ -90,7 +111,28 @@ def parse_config(path: str, overrides: list[str]):
         raise ValueError(f"{path}: {e}") from None
 
 
+def distributed_options(args: argparse.Namespace):
+    """The multi-process flags as `distributed.Options` (DistributedError for a bad --local-device-ids)."""
+    from bat_jax.train import distributed
+
+    ids = getattr(args, "local_device_ids", None)
+    return distributed.Options(
+        coordinator_address=getattr(args, "coordinator_address", None),
+        num_processes=getattr(args, "num_processes", None),
+        process_id=getattr(args, "process_id", None),
+        local_device_ids=None if ids is None else distributed.parse_device_ids(ids),
+        single_process=bool(getattr(args, "single_process", False)),
+    )
+
+
 def run(args: argparse.Namespace) -> int:
+    from bat_jax.train import distributed
+
+    try:  # before any other JAX call of the run (the config files import JAX but run nothing)
+        distributed.initialize(distributed_options(args))
+    except distributed.DistributedError as e:
+        print(f"bat-jax pretrain: error: {e}", file=sys.stderr)
+        return 2
     from bat_jax.train import pretrain
 
     try:

@@ -13,11 +13,19 @@ The workdir (stable layout, README "Pretraining"):
 Randomness: the key of update ``s`` (0-based) is ``fold_in(key(train.seed), s)``; the loader is seeded by
 data.seed. A resumed run restores the state, the key and the loader's position, so it continues exactly.
 Exit status of `run`: 0 finished or stopped by SIGTERM after saving, 1 NaN/Inf loss or a failed save.
+
+Several processes (bat_jax/train/distributed.py; `jax.distributed` initialised before `run`): every process
+runs this loop and reaches every collective (step, saves, restores, the stop agreement) in the same order;
+each loader reads its process's share of the data. Only process 0 writes config.json, metrics.jsonl, tb/ and
+the console (the others print only their errors); Orbax and Grain write the checkpoints from all of them
+(the Grain state as one process_<i>-of-<n>.json per process). SIGTERM to any process stops all of them after
+the same step, which they save together.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +38,7 @@ import numpy as np
 from bat_jax.data.pipeline import make_pretrain_loader, shard_paths
 from bat_jax.train import checkpoint as ckpt
 from bat_jax.train import config as config_lib
+from bat_jax.train import distributed
 from bat_jax.train import setup as setup_lib
 from bat_jax.train.metrics import MetricsWriter, Progress
 from bat_jax.train.step import lr_schedule
@@ -74,7 +83,7 @@ def _jitted_helpers(cfg: ml_collections.ConfigDict):
 
 def _log_scalars(metrics: dict, lr, window: dict[str, float], global_batch: int) -> dict[str, float]:
     """Host floats of one log line: the step's metrics, lr, and the window's mean timings."""
-    host = jax.device_get({**metrics, "lr": lr})
+    host = distributed.host_values({**metrics, "lr": lr})  # also on several processes
     scalars = {k: float(np.asarray(v)) for k, v in host.items()}
     steps = max(window["steps"], 1)
     step_time = window["time"] / steps
@@ -96,9 +105,18 @@ def run(
     """Run (or resume) the job of ``cfg`` in ``workdir``; the exit status (see the module docstring)."""
     workdir = Path(workdir)
     setup_lib.check_config(cfg)  # ConfigError naming the field, before anything compiles
+    if jax.process_count() > 1 and "mesh" not in cfg:
+        raise ConfigError(
+            f"config mesh ({_WHERE}): expected a mesh section (configs/pretrain/bat_base.py) for a run on "
+            f"{jax.process_count()} processes, found none"
+        )
     paths = shard_paths(cfg.data.root, cfg.data.split)
+    primary = distributed.is_primary()
+    if not primary:  # the other processes stay quiet (errors go to stderr from every process)
+        progress, say = False, _quiet
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / CONFIG_FILE).write_text(cfg.to_json_best_effort(indent=2) + "\n")
+    if primary:
+        (workdir / CONFIG_FILE).write_text(cfg.to_json_best_effort(indent=2) + "\n")
 
     job = setup_lib.build(cfg)
     loader = make_pretrain_loader(paths, sharding=job.batch_sharding, **config_lib.loader_kwargs(cfg))
@@ -113,7 +131,7 @@ def run(
         manager.close()
         loader.close()
         if error:
-            say(f"bat-jax pretrain: a checkpoint save failed: {error}")
+            _error(f"a checkpoint save failed: {error}")
 
 
 def _start(cfg, workdir, job, loader, manager, say):
@@ -126,7 +144,11 @@ def _start(cfg, workdir, job, loader, manager, say):
     state = job.init_state()
     if cfg.train.init_from:
         state = setup_lib.init_from(state, cfg.train.init_from, job, say)
-    rng = jax.device_put(jax.random.key_data(jax.random.key(int(cfg.train.seed))), job.replicated)
+    seed = int(cfg.train.seed)
+    key_data = np.asarray(
+        jax.random.key_data(jax.random.key(seed))
+    )  # on the host: one value for all processes
+    rng = jax.device_put(key_data, job.replicated)
     return state, rng, 0
 
 
@@ -144,14 +166,22 @@ def _run(cfg, workdir, job, loader, manager, stop, progress, say) -> int:
     global_batch = int(cfg.data.global_batch_size)
     bad = jax.device_put(np.int32(-1), job.replicated)
     last_saved = start if manager.latest_step() is not None else None
-    writer, bar = MetricsWriter(workdir), Progress(start, total, enabled=progress)
+    primary = distributed.is_primary()
+    writer = MetricsWriter(workdir) if primary else _NoWriter()
+    bar = Progress(start, total, enabled=progress)
+    tell = bar.write if primary else _quiet  # stderr lines under the bar, from process 0
+    agree = distributed.StopAgreement(job.mesh)  # one process: the local flag; several: all-reduced (max)
     window = {"steps": 0, "time": 0.0, "wait": 0.0}
     step = start
     try:
+        # No implicit transfer in the loop. The loader places each batch itself (make_array_from_process_local
+        # _data); on several processes jax builds that array through make_array_from_callback, which the guard
+        # counts as implicit (measured, jax 0.10.2), so the loader's call alone allows host-to-device copies.
         with jax.transfer_guard("disallow"):
             tick = time.perf_counter()
             while step < total:
-                batch = next(loader)  # placed on the mesh by the loader (explicit device_put)
+                with jax.transfer_guard_host_to_device("allow"):  # the loader's placement is explicit,
+                    batch = next(loader)  # but jax counts it implicit on several processes (see below)
                 waited = time.perf_counter() - tick
                 key = key_for(rng, state.step)
                 state, metrics = step_fn(state, batch["spec"], key)
@@ -168,44 +198,68 @@ def _run(cfg, workdir, job, loader, manager, stop, progress, say) -> int:
                     writer.write(step, scalars)
                     bar.show(scalars)
                     window = {"steps": 0, "time": 0.0, "wait": 0.0}
-                stopping = stop.requested
+                stopping = agree.poll(stop.requested)  # the same value on every process
                 if step % save_every == 0 or step == total or stopping:
-                    first_bad = int(jax.device_get(bad))
+                    first_bad = int(distributed.host_values(bad))
                     if first_bad >= 0:
-                        return _nan_stop(first_bad, last_saved, workdir, bar)
+                        return _nan_stop(first_bad, last_saved, workdir, tell)
                     ckpt.save(manager, step, state, rng_data, loader)
                     last_saved = step
                 if stopping:
                     error = ckpt.wait(manager)
                     if error:
-                        bar.write(f"bat-jax pretrain: SIGTERM at step {step}; the save FAILED: {error}")
+                        _error(f"SIGTERM at step {step}; the save FAILED: {error}", bar)
                         return 1
-                    bar.write(
+                    tell(
                         f"bat-jax pretrain: SIGTERM: saved step {step} to "
                         f"{workdir / ckpt.CHECKPOINTS / str(step)}; run the same command to resume"
                     )
                     return 0
                 if step % log_every == 0:
-                    first_bad = int(jax.device_get(bad))
+                    first_bad = int(distributed.host_values(bad))
                     if first_bad >= 0:
-                        return _nan_stop(first_bad, last_saved, workdir, bar)
+                        return _nan_stop(first_bad, last_saved, workdir, tell)
     finally:
         bar.close()
         writer.close()
     error = ckpt.wait(manager)
     if error:
-        say(f"bat-jax pretrain: the final save of step {step} FAILED: {error}")
+        _error(f"the final save of step {step} FAILED: {error}")
         return 1
     say(f"done: {total} steps; checkpoint {workdir / ckpt.CHECKPOINTS / str(step)}")
     return 0
 
 
-def _nan_stop(first_bad: int, last_saved: int | None, workdir: Path, bar: Progress) -> int:
+def _quiet(line: str) -> None:
+    """The `say` of processes other than 0."""
+
+
+class _NoWriter:
+    """The metrics writer of processes other than 0 (process 0 writes metrics.jsonl and tb/)."""
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _error(message: str, bar: Progress | None = None) -> None:
+    """An error line on stderr from any process (its number named when there are several)."""
+    who = f" (process {jax.process_index()} of {jax.process_count()})" if jax.process_count() > 1 else ""
+    line = f"bat-jax pretrain{who}: {message}"
+    if bar is not None:
+        bar.write(line)
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _nan_stop(first_bad: int, last_saved: int | None, workdir: Path, tell: Callable[[str], None]) -> int:
     """The message of a non-finite loss: the step (the update count after it) and the last good checkpoint."""
     where = (
         f"the last good checkpoint is {workdir / ckpt.CHECKPOINTS / str(last_saved)} (step {last_saved})"
         if last_saved is not None
         else "no checkpoint was saved before it"
     )
-    bar.write(f"bat-jax pretrain: the loss is NaN or Inf at step {first_bad}; stopped; {where}")
+    tell(f"bat-jax pretrain: the loss is NaN or Inf at step {first_bad}; stopped; {where}")
     return 1
