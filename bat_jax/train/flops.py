@@ -131,8 +131,14 @@ def measure_peak(
     warm-up); ``side`` 2048 on a CPU (well under a second per call there), 8192 on an accelerator."""
     if side is None:
         side = 2048 if device.platform == "cpu" else 8192
-    keys = jax.random.split(jax.random.key(0))
-    a, b = (jax.device_put(jax.random.normal(k, (side, side), jnp.dtype(dtype)), device) for k in keys)
+
+    def operands() -> tuple[jax.Array, jax.Array]:
+        keys = jax.random.split(jax.random.key(0))
+        return tuple(jax.random.normal(k, (side, side), jnp.dtype(dtype)) for k in keys)
+
+    # Made on the device by a jitted function without inputs: no host transfer (safe under the loop's
+    # jax.transfer_guard("disallow")).
+    a, b = jax.jit(operands, out_shardings=jax.sharding.SingleDeviceSharding(device))()
     matmul = jax.jit(jnp.matmul)
     jax.block_until_ready(matmul(a, b))
     best = float("inf")

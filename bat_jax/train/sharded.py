@@ -10,7 +10,9 @@ Parameter shardings come from the models' logical axis names (`nn.with_logical_p
 rules table; a dimension that does not divide over its mesh axes stays whole (big_vision's FSDP rule also
 shards only divisible dimensions). The EMA teacher takes the student encoder's shardings, the optimizer
 state its parameters' (`optax.tree_map_params`), counters are replicated. The jitted step has explicit
-in / out shardings, out = in for the donated state (jax #25346) and replicated metrics.
+in / out shardings, out = in for the donated state (jax #25346) and replicated metrics: global values, the
+same as on one device up to float32 summation order (``grad_norm`` is the norm of the whole, possibly
+FSDP-sharded, gradient; tests/train/test_observability.py checks 1 device against 4x2).
 """
 
 from __future__ import annotations
