@@ -144,10 +144,8 @@ def _start(cfg, workdir, job, loader, manager, say):
     state = job.init_state()
     if cfg.train.init_from:
         state = setup_lib.init_from(state, cfg.train.init_from, job, say)
-    seed = int(cfg.train.seed)
-    key_data = np.asarray(
-        jax.random.key_data(jax.random.key(seed))
-    )  # on the host: one value for all processes
+    # the key's data on the host (one value for all processes), then placed replicated over the mesh
+    key_data = np.asarray(jax.random.key_data(jax.random.key(int(cfg.train.seed))))
     rng = jax.device_put(key_data, job.replicated)
     return state, rng, 0
 
