@@ -3,7 +3,7 @@
     from bat_jax.train import flops
     per_step = flops.step_flops(ssl_config, global_batch)   # analytic, the whole (global) batch
     peak = flops.peak_flops(cfg, mesh.devices.flat)          # Peak(flops_per_s per device, source)
-    flops.mfu(per_step, step_time_s, peak.flops_per_s, devices=mesh.devices.size)
+    flops.mfu(per_step, step_time_s, peak.flops_per_s, flops.peak_devices(mesh.devices.flat))
 
 Analytic count (matmuls only; LayerNorm, GELU, softmax, masking and the optimizer are not counted):
     one block on n tokens of width D, MLP width M, per sequence:
@@ -19,7 +19,8 @@ The peak (per device): ``train.peak_flops_per_device`` when the config sets it (
 figure for a known accelerator (`PEAK_TABLE`: TPUs at any compute dtype, as XLA's default float32 matmul
 precision on TPU is one bfloat16 pass; GPUs at bfloat16 / float16 only); else measured once, a jitted
 square matmul in the compute dtype on one local device (`measure_peak`). On a CPU the measured figure is
-what a matmul reaches there, so the CPU "MFU" compares the step with the best matmul of the machine.
+what a matmul reaches there with all the cores, so the CPU "MFU" compares the step with the best matmul of
+the machine, counted once per process however many CPU devices it simulates (`peak_devices`).
 """
 
 from __future__ import annotations
@@ -168,6 +169,16 @@ def configured_peak(cfg: ml_collections.ConfigDict) -> float:
             f"(0: from a table or measured), found {value!r}"
         )
     return float(value)
+
+
+def peak_devices(devices: Sequence[Any]) -> int:
+    """How many per-device peaks add up to the peak of ``devices``: their number, except on CPUs, where a
+    process's (simulated) devices share its cores and a measured matmul already used them all: the number of
+    processes."""
+    devices = list(devices)
+    if devices and all(d.platform == "cpu" for d in devices):
+        return len({d.process_index for d in devices})
+    return len(devices)
 
 
 def _local_device(devices: Sequence[Any] | None) -> jax.Device:

@@ -73,7 +73,8 @@ def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
 
 
 class Progress:
-    """A console progress bar with ETA (stderr), its postfix the last logged loss."""
+    """A console progress bar with ETA (stderr), its postfix the last logged loss, clips/s and MFU (when the
+    line has one)."""
 
     def __init__(self, start: int, total: int, enabled: bool = True):
         self._bar = tqdm.tqdm(
@@ -84,7 +85,10 @@ class Progress:
         self._bar.update(n)
 
     def show(self, scalars: dict[str, float]) -> None:
-        self._bar.set_postfix(loss=f"{scalars['loss']:.4f}", clips_s=f"{scalars['clips_per_s']:.1f}")
+        postfix = {"loss": f"{scalars['loss']:.4f}", "clips_s": f"{scalars['clips_per_s']:.1f}"}
+        if math.isfinite(scalars.get("mfu", math.nan)):
+            postfix["mfu"] = f"{scalars['mfu']:.3f}"
+        self._bar.set_postfix(postfix)
 
     def write(self, line: str) -> None:
         self._bar.write(line, file=sys.stderr)

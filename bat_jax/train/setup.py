@@ -133,8 +133,10 @@ class Job:
         return flops_lib.peak_flops(self.cfg, list(self.mesh.devices.flat))
 
     def mfu(self, step_time_s: float) -> float:
-        """Model FLOPs utilisation of a step taking ``step_time_s`` seconds, over all the mesh's devices."""
-        return flops_lib.mfu(self.flops_per_step, step_time_s, self.peak.flops_per_s, self.mesh.devices.size)
+        """Model FLOPs utilisation of a step taking ``step_time_s`` seconds, against the peak of all the
+        mesh's devices (flops.peak_devices: simulated CPU devices count once per process)."""
+        devices = flops_lib.peak_devices(self.mesh.devices.flat)
+        return flops_lib.mfu(self.flops_per_step, step_time_s, self.peak.flops_per_s, devices)
 
     def abstract_tree(self) -> dict[str, Any]:
         return ckpt.abstract_tree(self.abstract_state(), self.replicated)
@@ -163,6 +165,7 @@ class Job:
         axes = (axes,) if isinstance(axes, str) else axes or ()
         per_device = int(self.cfg.data.global_batch_size) // math.prod(self.mesh.shape[a] for a in axes)
         student, encoder = param_count(state.params), param_count(state.params["encoder"])
+        peak, peaks = self.peak, flops_lib.peak_devices(self.mesh.devices.flat)
         mem = "n/a"
         if memory is not None:
             total = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
@@ -172,7 +175,7 @@ class Job:
             f"bat-jax pretrain: mesh {dict(self.mesh.shape)}, {devices} {jax.devices()[0].platform} devices, "
             f"{per_device} clips x {self.cfg.ssl.num_views} views per device, {student:,} student parameters "
             f"({encoder:,} encoder), compiled step memory {mem}, {self.flops_per_step:.3g} model FLOPs per "
-            f"step, MFU against {self.peak.flops_per_s:.3g} FLOP/s per device ({self.peak.source})"
+            f"step, MFU against {peaks} x {peak.flops_per_s:.3g} FLOP/s ({peak.source})"
         )
 
 

@@ -195,6 +195,13 @@ def test_measured_peak_is_a_positive_rate_and_needs_no_host_transfer():
 # setup.Job
 
 
+def test_peak_devices_counts_accelerators_and_cpu_processes():
+    assert flops.peak_devices(jax.devices()) == 1  # 8 simulated CPU devices of this one process
+    assert flops.peak_devices([fake_device("TPU v4", "tpu")] * 4) == 4
+    cpus = [types.SimpleNamespace(platform="cpu", process_index=i // 4) for i in range(8)]
+    assert flops.peak_devices(cpus) == 2  # 2 processes x 4 simulated devices
+
+
 def test_job_has_the_flops_and_the_peak_and_the_first_line_names_them():
     cfg = small_cfg((8, 1))
     cfg.train.peak_flops_per_device = 1e12
@@ -202,7 +209,20 @@ def test_job_has_the_flops_and_the_peak_and_the_first_line_names_them():
     ssl = train_config.ssl_config(cfg)
     assert job.flops_per_step == flops.step_flops(ssl, BATCH)
     assert job.peak == (1e12, "config train.peak_flops_per_device")
-    assert job.mfu(2.0) == pytest.approx(job.flops_per_step / 2.0 / (1e12 * 8))
+    assert job.mfu(2.0) == pytest.approx(job.flops_per_step / 2.0 / 1e12)  # 8 CPU devices, one process
     line = job.describe(job.abstract_state(), None)
     assert f"{job.flops_per_step:.3g} model FLOPs per step" in line
-    assert "MFU against 1e+12 FLOP/s per device (config train.peak_flops_per_device)" in line
+    assert "MFU against 1 x 1e+12 FLOP/s (config train.peak_flops_per_device)" in line
+
+
+def test_progress_bar_shows_the_mfu_when_the_line_has_one(capsys):
+    from bat_jax.train.metrics import Progress
+
+    bar = Progress(0, 10)
+    bar.update()
+    bar.show({"loss": 1.0, "clips_per_s": 3.0, "mfu": 0.41})
+    assert "mfu=0.410" in capsys.readouterr().err
+    bar.show({"loss": 1.0, "clips_per_s": 3.0, "mfu": float("nan")})  # NaN (no peak): not shown
+    bar.show({"loss": 1.0, "clips_per_s": 3.0})
+    bar.close()
+    assert "mfu" not in capsys.readouterr().err
