@@ -145,8 +145,10 @@ def fake_device(kind: str, platform: str):
 
 
 def test_peak_from_config_wins():
-    cfg = small_cfg()
-    cfg.train.peak_flops_per_device = 2.5e14
+    from bat_jax.train.cli import parse_config
+
+    tiny = str(train_config.CONFIG_DIR / "pretrain" / "tiny.py")
+    cfg = parse_config(tiny, ["--config.train.peak_flops_per_device=2.5e14"])  # as on the command line
     peak = flops.peak_flops(cfg, [fake_device("TPU v4", "tpu")])
     assert peak == (2.5e14, "config train.peak_flops_per_device")
 
