@@ -6,9 +6,11 @@
 
 ``step`` is the number of completed updates; the data state is the loader's after the batch of that update
 (the loop fetches one batch, steps, and saves before fetching the next). Saves are asynchronous; Orbax
-writes ``<step>.orbax-checkpoint-tmp*`` and renames it when complete, so a kill mid-save leaves the
-previous checkpoint the latest readable one. The reader of a workdir's encoder, without this package's
-train/ code, is bat_jax/convert/workdir.py.
+writes ``<step>.orbax-checkpoint-tmp*`` and renames it to ``<step>`` (with ``commit_success.txt``) when
+complete, so a kill mid-save leaves the previous checkpoint the latest readable one; the next run's fresh
+manager deletes the tmp folder (tests/train/test_resilience.py kills a run mid-save). A failed save raises
+`SaveError` at the next `save` (Orbax reports an asynchronous failure only then) or is returned by `wait`.
+The reader of a workdir's encoder, without this package's train/ code, is bat_jax/convert/workdir.py.
 """
 
 from __future__ import annotations
@@ -66,17 +68,44 @@ def from_tree(tree: dict[str, Any]) -> tuple[TrainState, jax.Array]:
     return state, tree["rng"]
 
 
+class SaveError(RuntimeError):
+    """A checkpoint save failed (this one, or the previous asynchronous one, which Orbax reports only at the
+    next save); the message names the step and the latest complete checkpoint."""
+
+
+def complete_steps(manager) -> list[int]:
+    """The steps of the complete checkpoints on disk (Orbax renames ``<step>.orbax-checkpoint-tmp*`` to
+    ``<step>`` when a save is committed; a failed save's step may stay in the manager's own cache)."""
+    directory = Path(manager.directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def latest_complete(manager) -> str:
+    """'<dir>/<step> (step <step>)' of the latest complete checkpoint, or 'none'."""
+    steps = complete_steps(manager)
+    return f"{Path(manager.directory) / str(steps[-1])} (step {steps[-1]})" if steps else "none"
+
+
 def save(manager, step: int, state: TrainState, rng_data: jax.Array, loader) -> None:
     """Start an asynchronous save of ``state``, the rng (its uint32 key data) and the loader's iterator
-    state at ``step``."""
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state_tree(state, rng_data)),
-            data=grain.checkpoint.CheckpointSave(loader),
-        ),
-        force=True,
-    )
+    state at ``step``. SaveError when it cannot start or the previous asynchronous save failed."""
+    try:
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state_tree(state, rng_data)),
+                data=grain.checkpoint.CheckpointSave(loader),
+            ),
+            force=True,
+        )
+    except Exception as e:  # noqa: BLE001 - re-raised with the step and the checkpoint to resume from
+        raise SaveError(
+            f"checkpoint save ({_WHERE}): expected the saves up to step {step} in {manager.directory} to "
+            f"succeed, found {type(e).__name__}: {e}; the latest complete checkpoint is "
+            f"{latest_complete(manager)}"
+        ) from e
 
 
 def abstract_tree(abstract_state: TrainState, rng_sharding) -> dict[str, Any]:
@@ -109,5 +138,5 @@ def wait(manager) -> str | None:
     try:
         manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001 - reported to the user, never swallowed
-        return f"{type(e).__name__}: {e}"
+        return f"{type(e).__name__}: {e}; the latest complete checkpoint is {latest_complete(manager)}"
     return None
