@@ -41,6 +41,13 @@ def data_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """One JAX persistent compilation cache for every launch of the module: a relaunch (the resume) skips the
+    compiles (jax writes it from process 0 and every process reads it)."""
+    return tmp_path_factory.mktemp("jax_cache")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -55,14 +62,16 @@ def _argv(root, workdir, port: int, process: int, **train) -> list[str]:
         "--process-id", str(process),
         f"--config.data.root={root}", "--config.frames=64", "--config.optim.warmup_steps=2",
         "--config.mesh.shape.data=2", "--config.mesh.shape.fsdp=2",
+        "--config.train.peak_flops_per_device=1e10",  # the MFU's peak given: no matmul measured at the start
         *[f"--config.train.{k}={v}" for k, v in base.items()],
     ]  # fmt: skip
 
 
-def _start(root, workdir: Path, **train) -> list[subprocess.Popen]:
+def _start(root, workdir: Path, cache: Path, **train) -> list[subprocess.Popen]:
     """Both processes of one run; each records its logged losses under WORKDIR.losses/."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # not with jax_num_cpu_devices (PITFALLS)
     env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2", BAT_JAX_TEST_LOSSES=f"{workdir}.losses")
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     port = _free_port()
     return [
         subprocess.Popen(
@@ -93,8 +102,8 @@ def _finish(procs: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
     return results
 
 
-def _run(root, workdir: Path, **train) -> list[tuple[int, str, str]]:
-    results = _finish(_start(root, workdir, **train))
+def _run(root, workdir: Path, cache: Path, **train) -> list[tuple[int, str, str]]:
+    results = _finish(_start(root, workdir, cache, **train))
     for i, (rc, _, err) in enumerate(results):
         assert rc == 0, f"process {i} exited {rc}:\n{err[-3000:]}"
     return results
@@ -127,11 +136,11 @@ def _assert_trees_equal(a, b):
 
 
 @pytest.mark.slow
-def test_two_processes_agree_save_and_resume_as_the_straight_run(data_root, tmp_path):
+def test_two_processes_agree_save_and_resume_as_the_straight_run(data_root, compile_cache, tmp_path):
     """4 steps straight (checkpoints 2 and 4); then the checkpoint of step 4 lost and the same command again:
     it resumes from step 2 and ends bitwise where the straight run did."""
     workdir = tmp_path / "run"
-    (_, out0, err0), (_, out1, err1) = _run(data_root, workdir)
+    (_, out0, err0), (_, out1, err1) = _run(data_root, workdir, compile_cache)
     assert _ours(out0)[0].startswith("bat-jax pretrain: mesh {'data': 2, 'fsdp': 2}, 4 cpu devices"), out0
     assert _ours(out0)[-1] == f"done: 4 steps; checkpoint {workdir}/checkpoints/4", out0
     assert _ours(out1) == [] and _ours(err1) == [], (out1, err1)  # process 1 stays quiet
@@ -148,7 +157,7 @@ def test_two_processes_agree_save_and_resume_as_the_straight_run(data_root, tmp_
 
     shutil.rmtree(workdir / "checkpoints" / "4")
     shutil.rmtree(f"{workdir}.losses")
-    (_, out0, _), (_, out1, _) = _run(data_root, workdir)
+    (_, out0, _), (_, out1, _) = _run(data_root, workdir, compile_cache)
     assert f"resuming from {workdir}/checkpoints/2 (step 2)" in _ours(out0), out0
     assert _ours(out1) == [], out1
     assert _losses(workdir, 0) == _losses(workdir, 1) == straight[1:]
@@ -156,33 +165,48 @@ def test_two_processes_agree_save_and_resume_as_the_straight_run(data_root, tmp_
     _assert_trees_equal(_state(workdir, 4), final)
 
 
-@pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_after_the_same_step(data_root, tmp_path):
-    """SIGTERM to process 1 only: both take the stop after the same step, save it together and exit 0; the
-    same command (two more steps) resumes from it."""
-    workdir = tmp_path / "term"
-    procs = _start(data_root, workdir, steps=100_000, log_every=1, checkpoint_every=100_000)
+def _terminate_one(procs: list[subprocess.Popen], which: int, rows: Path, after: int):
+    """SIGTERM to process ``which`` once process 0 has logged more than ``after`` lines in ``rows``; the
+    (exit status, stdout, stderr) of both."""
     deadline = time.time() + TIMEOUT
-    metrics = workdir / "metrics.jsonl"
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    while time.time() < deadline and not (rows.exists() and rows.read_text().count("\n") > after):
         assert all(p.poll() is None for p in procs), _finish(procs)
         time.sleep(0.2)
-    procs[1].send_signal(signal.SIGTERM)
+    procs[which].send_signal(signal.SIGTERM)
     results = _finish(procs)
     for i, (rc, _, err) in enumerate(results):
         assert rc == 0, f"process {i} exited {rc}:\n{err[-3000:]}"
-    saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
-    assert len(saved) == 1 and saved[0] >= 2, saved
-    step = saved[0]
+    return results
+
+
+def _saved(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_after_the_same_step(data_root, compile_cache, tmp_path):
+    """SIGTERM to process 1 only: both take the stop after the same step, save it together and exit 0. The
+    same command again resumes from it, and SIGTERM to process 0 alone stops both again."""
+    workdir = tmp_path / "term"
+    train = {"steps": 100_000, "log_every": 1, "checkpoint_every": 100_000}  # each step logs, no saves
+    losses = Path(f"{workdir}.losses") / "process_0.jsonl"
+    results = _terminate_one(_start(data_root, workdir, compile_cache, **train), 1, losses, after=1)
+    assert len(_saved(workdir)) == 1 and _saved(workdir)[0] >= 2, _saved(workdir)
+    step = _saved(workdir)[0]
     expected = f"bat-jax pretrain: SIGTERM: saved step {step} to {workdir}/checkpoints/{step}; run the same"
     assert any(line.startswith(expected) for line in _ours(results[0][2])), results[0][2]
-    # Every step logs (log_every 1): both processes ran exactly `step` steps, with the same losses.
+    assert _ours(results[1][1]) == [] and _ours(results[1][2]) == [], results[1]
+    # Both processes ran exactly `step` steps (one log line each), with the same losses.
     assert _losses(workdir, 0) == _losses(workdir, 1) and len(_losses(workdir, 1)) == step
     assert int(_state(workdir, step)["step"]) == step
 
-    (_, out0, _), _ = _run(data_root, workdir, steps=step + 2, log_every=1, checkpoint_every=100_000)
-    assert f"resuming from {workdir}/checkpoints/{step} (step {step})" in _ours(out0), out0
-    assert [r["step"] for r in read_metrics(workdir)][-2:] == [step + 1, step + 2]
+    results = _terminate_one(_start(data_root, workdir, compile_cache, **train), 0, losses, after=step + 1)
+    assert f"resuming from {workdir}/checkpoints/{step} (step {step})" in _ours(results[0][1]), results[0]
+    again = _saved(workdir)[-1]
+    assert _saved(workdir) == [step, again] and again > step
+    assert [r["step"] for r in read_metrics(workdir)] == list(range(1, again + 1))
+    assert _losses(workdir, 0) == _losses(workdir, 1) and len(_losses(workdir, 1)) == again
+    assert int(_state(workdir, again)["step"]) == again
 
 
 @pytest.mark.parametrize(
