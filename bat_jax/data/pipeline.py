@@ -12,6 +12,7 @@ Pretraining, `make_pretrain_loader` (a `PretrainLoader`):
            worker processes (0: in this process)
            → global `jax.Array`s with the given `NamedSharding`, cast to `dtype` on the devices
              (numpy arrays in `dtype` when `sharding` is None)
+           → `prefetch` placed batches ahead, in a thread (Grain's ThreadPrefetchIterDataset; 0: none)
 
     batch = {"spec": [B, target_frames, F] float32 (or the `dtype` asked for),
              "num_frames": int32 [B]  min(num_frames, target_frames),
@@ -36,6 +37,11 @@ Pretraining, `make_pretrain_loader` (a `PretrainLoader`):
     resumable, and a record's roll in an epoch does not depend on the worker count.
   * `get_state() -> bytes` / `set_state(bytes)` checkpoint the iterator (JSON, restoring continues the
     exact same batches; the restoring loader needs the same shards, seed, batch size and worker count).
+    The state is that of the last batch `next()` returned, not of the ones prefetched behind it.
+  * Prefetch: a thread reads, rolls, batches and places `prefetch` batches (default 1) ahead while the
+    step runs, so `next()` only takes a ready batch (with `worker_count` 0 the reading happens in that
+    thread, else in the workers). The placed batches are on the devices: each prefetched batch costs its
+    device memory.
     With orbax, save the loader itself through Grain's handler:
         mngr = ocp.CheckpointManager(path, item_handlers={"data": grain.checkpoint.CheckpointHandler()})
         mngr.save(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(loader)))
@@ -82,6 +88,9 @@ from bat_jax.data.placement import (  # noqa: F401  (re-exported: the pipeline's
 from bat_jax.data.shard_reader import ShardError, ShardSource, check_paths, shard_paths  # noqa: F401
 from bat_jax.data.transforms import CropPad, RollCropPad, clip_example, multi_hot, roll_crop_pad  # noqa: F401
 
+# Batches the pretraining loader reads and places ahead, in a thread, while the step runs (0: in next()).
+PREFETCH_BATCHES = 1
+
 # Default of the encoder's time patch: BAT's patches are 16 frames × 16 mel bins. data/ does not import
 # models/: bat_jax.train.config.loader_kwargs passes the config's encoder's patch_size[0] instead.
 FRAMES_MULTIPLE = 16
@@ -111,8 +120,13 @@ class PretrainLoader:
         num_classes: int | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
+        prefetch: int = PREFETCH_BATCHES,
     ):
         where = "pretraining pipeline"
+        if isinstance(prefetch, bool) or not isinstance(prefetch, (int, np.integer)) or prefetch < 0:
+            raise ValueError(
+                f"{where}: expected prefetch an integer >= 0 (batches placed ahead), found {prefetch!r}"
+            )
         paths = check_paths(paths, where)
         setup_loader(
             self, where, global_batch_size, target_frames, frames_multiple, sharding, dtype,
@@ -151,6 +165,13 @@ class PretrainLoader:
                     num_workers=worker_count, per_worker_buffer_size=worker_buffer_size
                 )
             )
+        # Placement is part of the pipeline, so that the prefetch thread reads, rolls and places the next
+        # batches while the step runs; Grain's thread prefetch hands out each batch with the iterator state
+        # taken right after it was fetched, so get_state() is that of the last batch handed out (the one the
+        # step consumed), whatever is buffered, in the same format as without it.
+        ds = ds.map(self._place)
+        if prefetch:
+            ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=int(prefetch))
         self._iterator = iter(ds)
 
     def __iter__(self) -> PretrainLoader:
@@ -159,7 +180,7 @@ class PretrainLoader:
     def __next__(self) -> Batch:
         if self._iterator is None:
             raise RuntimeError("this PretrainLoader was closed; build a new one (and set_state) to go on")
-        return self._place(next(self._iterator))
+        return next(self._iterator)
 
     def get_state(self) -> bytes:
         """The iterator position as JSON bytes (Grain's dataset iterator state)."""
