@@ -5,10 +5,15 @@ A record holds
     num_frames  int                        the true number of frames (<= frames; padding follows it)
     clip_id     str                        a stable id (relative path, TFDS key, or synthetic index)
     labels      list[int]                  class indices into the manifest's label vocabulary (multi-label)
+    fold        int | str, optional        the clip's cross-validation fold (`bat-jax prepare --fold-column`);
+                                           absent from records written without one
 
 The spectrogram is called `spec` everywhere: in a record, in a `Clip`, in `decode`'s dict and in a loader's
 batch. Version 1 records (bat-jax before issue 6) stored it under the key "features"; `decode` still reads
-them, `encode` writes version 2.
+them, `encode` writes version 2. `fold` is an optional key of version 2 (added with issue 8, no version
+bump): `encode` writes it only for a clip that has a fold, so other records stay byte-identical, and `decode`
+returns it only when the record holds one (readers older than it ignore the key). Loaders that need every
+clip's fold without decoding records read it from the manifest: `splits.<split>.folds.by_record`.
 """
 
 from __future__ import annotations
@@ -30,6 +35,15 @@ class Clip:
     num_frames: int
     clip_id: str
     labels: tuple[int, ...] = field(default_factory=tuple)
+    fold: int | str | None = None
+
+
+def _check_fold(fold, where: str):
+    if fold is None or (isinstance(fold, int | str) and not isinstance(fold, bool)):
+        return fold
+    raise ValueError(
+        f"{where}: expected a fold that is an int or a str, found {type(fold).__name__} {fold!r}"
+    )
 
 
 def encode(clip: Clip) -> bytes:
@@ -40,21 +54,23 @@ def encode(clip: Clip) -> bytes:
         raise ValueError(
             f"clip {clip.clip_id!r}: num_frames must be in [1, {spec.shape[0]}], found {clip.num_frames}"
         )
-    return msgpack.packb(
-        {
-            "v": FORMAT_VERSION,
-            "spec": spec.tobytes(),
-            "shape": list(spec.shape),
-            "num_frames": int(clip.num_frames),
-            "clip_id": str(clip.clip_id),
-            "labels": [int(x) for x in clip.labels],
-        },
-        use_bin_type=True,
-    )
+    fold = _check_fold(clip.fold, f"clip {clip.clip_id!r}")
+    record = {
+        "v": FORMAT_VERSION,
+        "spec": spec.tobytes(),
+        "shape": list(spec.shape),
+        "num_frames": int(clip.num_frames),
+        "clip_id": str(clip.clip_id),
+        "labels": [int(x) for x in clip.labels],
+    }
+    if fold is not None:
+        record["fold"] = fold
+    return msgpack.packb(record, use_bin_type=True)
 
 
 def decode(record: bytes) -> dict:
-    """bytes -> dict: spec float16 [frames, n_mels], num_frames int32, clip_id str, labels int32 [k].
+    """bytes -> dict: spec float16 [frames, n_mels], num_frames int32, clip_id str, labels int32 [k], and
+    fold (int or str) only when the record has one.
 
     Reads versions 1 and 2. Raises ValueError, saying what was expected and found, on bytes that are not a
     record (not msgpack, not a map, a missing key, a spectrogram whose size does not match its shape)."""
@@ -93,9 +109,12 @@ def decode(record: bytes) -> dict:
             f"shard record: expected num_frames in [1, {shape[0]}] (the spectrogram's frames), found "
             f"{num_frames!r}"
         )
-    return {
+    out = {
         "spec": np.frombuffer(data, dtype=np.float16).reshape(shape),
         "num_frames": np.int32(num_frames),
         "clip_id": d["clip_id"],
         "labels": np.asarray(d["labels"], dtype=np.int32),
     }
+    if d.get("fold") is not None:
+        out["fold"] = _check_fold(d["fold"], f"shard record {d['clip_id']!r}")
+    return out

@@ -7,6 +7,7 @@
 
 Modules, in the order the data flows:
     frontend   Frontend: the front-end with all its parameters, clip cutting/padding, length bucketing
+    folds      attach_folds (--fold-column: a per-clip fold from the labels CSV), the manifest's folds entry
     workers    process_clip (one clip -> one record or a skip) and Runner (the worker-process pool)
     output     output checks, resume, writing a split's missing shards, the manifest
     job        prepare(): the whole job for a SourcePlan
@@ -15,6 +16,7 @@ Modules, in the order the data flows:
 """
 
 from bat_jax.data.prepare.cli import add_parser, plan_source, run
+from bat_jax.data.prepare.folds import NO_FOLD, attach_folds, folds_entry
 from bat_jax.data.prepare.frontend import BUCKET_FRAMES, FRONTENDS, SAMPLE_RATE, Frontend
 from bat_jax.data.prepare.job import CLIPS_PER_SHARD, PrepareResult, prepare
 from bat_jax.data.prepare.output import OutputError, SplitRun, build_manifest, check_output
@@ -37,14 +39,17 @@ __all__ = [
     "ClipResult",
     "Frontend",
     "LoaderContractError",
+    "NO_FOLD",
     "OutputError",
     "PrepareResult",
     "Runner",
     "SplitRun",
     "add_parser",
+    "attach_folds",
     "build_manifest",
     "check_output",
     "default_workers",
+    "folds_entry",
     "format_summary",
     "plan_source",
     "prepare",

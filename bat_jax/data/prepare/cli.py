@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from bat_jax.data import shards, sources
+from bat_jax.data.prepare.folds import attach_folds
 from bat_jax.data.prepare.frontend import FRONTENDS, Frontend
 from bat_jax.data.prepare.job import CLIPS_PER_SHARD, prepare, stop_on_sigint
 from bat_jax.data.prepare.output import Interrupted, OutputError
@@ -19,6 +20,7 @@ from bat_jax.data.prepare.workers import (
     default_workers,
 )
 from bat_jax.data.sources import SourceError, SourcePlan
+from bat_jax.data.sources.labels_csv import read_folds
 
 DESCRIPTION = """\
 Decode audio once, compute spectrograms, and write them as ArrayRecord shards plus a manifest that the
@@ -60,6 +62,11 @@ labels CSV (--labels-csv FILE), checked before any work; a CSV breaking a rule i
     reported with its line; pass e.g. --csv-encoding latin-1
   - when no row names an audio file under --input the run is refused; --allow-unlabelled writes the files
     without labels instead (it also lets --labels-from-dir run on a flat folder)
+  - --fold-column NAME stores each clip's cross-validation fold from that column (e.g. ESC-50's fold): the
+    header must name it (without --csv-columns the header is path,labels,NAME), every row needs a value;
+    integers when every value is one, else strings. A file with no CSV row is skipped ("no fold"). The fold
+    goes into each record (fold) and, per split in record order, into the manifest
+    (splits.<split>.folds: column, values, num_clips, by_record)
 
 what is written (--out OUT):
   OUT/<split>/<split>-00000-of-0000N.arrayrecord   one record per clip (bat_jax.data.records, msgpack):
@@ -107,9 +114,10 @@ examples:
   bat-jax prepare --source folder --input audioset/eval --labels-csv eval.csv \\
       --split eval --clip-seconds 10.23 --out data/as20k --workers 8
 
-  # ESC-50 straight from its repository layout (meta/esc50.csv has columns filename and category)
+  # ESC-50 straight from its repository layout (meta/esc50.csv has columns filename, fold and category),
+  # with its 5 folds for cross-validation
   bat-jax prepare --source folder --input ESC-50/audio --labels-csv ESC-50/meta/esc50.csv \\
-      --csv-columns filename,category --out data/esc50
+      --csv-columns filename,category --fold-column fold --out data/esc50
 
   # Speech Commands v2 from its folder layout (one folder per word; move _background_noise_ out first,
   # or it becomes a class; the official validation/test lists are not applied: one split)
@@ -133,6 +141,7 @@ _SOURCE_OPTIONS = {
     "labels_csv": "folder",
     "csv_columns": "folder",
     "csv_encoding": "folder",
+    "fold_column": "folder",
     "allow_unlabelled": "folder",
     "label_separator": "folder",
     "labels_vocab": "folder",
@@ -210,6 +219,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--csv-encoding",
         metavar="ENC",
         help="text encoding of the labels CSV, e.g. latin-1 or cp1252 (default: utf-8, BOM accepted)",
+    )
+    g.add_argument(
+        "--fold-column",
+        metavar="NAME",
+        help="store each clip's cross-validation fold from this column of --labels-csv (e.g. fold)",
     )
     g.add_argument(
         "--allow-unlabelled",
@@ -340,7 +354,18 @@ def plan_source(args: argparse.Namespace) -> SourcePlan:
         # adding a split to an existing output: keep its label indices
         vocab = _existing_vocabulary(Path(args.out).expanduser().resolve()) or None
         origin = f"the existing output {args.out}"
-    return sources.folder_source(
+    fold_column = getattr(args, "fold_column", None)
+    if fold_column is not None and not args.labels_csv:
+        raise SourceError(
+            f"--fold-column {fold_column}: expected --labels-csv FILE with that column, found no --labels-csv"
+        )
+    folds = None
+    if fold_column is not None:  # read first: a CSV without the column costs no listing
+        root = Path(args.input).expanduser().resolve()
+        encoding = args.csv_encoding or "utf-8"
+        folds = read_folds(args.labels_csv, root, fold_column, columns, encoding=encoding)
+        columns = columns or sources.CSV_COLUMNS  # a fold column needs a header: path,labels,<fold column>
+    plan = sources.folder_source(
         args.input,
         split=args.split or "train",
         split_from_subdir=bool(args.split_from_subdir),
@@ -354,6 +379,9 @@ def plan_source(args: argparse.Namespace) -> SourcePlan:
         allow_unlabelled=bool(args.allow_unlabelled),
         vocabulary_origin=origin,
     )
+    if folds is not None:
+        plan = attach_folds(plan, folds, fold_column, args.labels_csv)
+    return plan
 
 
 def run(args: argparse.Namespace) -> int:

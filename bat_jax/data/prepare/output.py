@@ -10,9 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bat_jax.data import records, shards, sources
+from bat_jax.data.prepare.folds import folds_entry
 from bat_jax.data.prepare.frontend import SAMPLE_RATE
 from bat_jax.data.prepare.workers import Runner
 from bat_jax.data.sources import SourcePlan, SplitPlan
+
+FOLD_FIELD = (
+    "int | str: the clip's fold (--fold-column; also splits.<split>.folds.by_record, in record order)"
+)
 
 
 class OutputError(RuntimeError):
@@ -136,6 +141,7 @@ def _write_shard(out: Path, split: SplitPlan, name: str, positions: range, resul
     writer = shards.ShardWriter(out / split.name / name)
     state = {"num_records": 0, "num_inputs": len(positions), "total_frames": 0, "num_samples": 0}
     skipped, notes = [], []
+    folds = [] if any(split.tasks[i].fold is not None for i in positions) else None  # of written records
     try:
         for i in positions:
             if stop is not None and stop.is_set():
@@ -147,6 +153,8 @@ def _write_shard(out: Path, split: SplitPlan, name: str, positions: range, resul
                 skipped.append(sources.Skipped(split.name, task.source, result.kind, result.reason).to_json())
             else:
                 writer.write(result.record)
+                if folds is not None:
+                    folds.append(task.fold)
                 state["total_frames"] += result.num_frames
                 state["num_samples"] += result.num_samples
             bar.update(1)
@@ -155,7 +163,7 @@ def _write_shard(out: Path, split: SplitPlan, name: str, positions: range, resul
         writer.abort()
         raise
     sha256 = shards.sha256_file(writer.path)
-    return {
+    state = {
         **state,
         "num_records": writer.num_records,
         "bytes": size,
@@ -163,6 +171,9 @@ def _write_shard(out: Path, split: SplitPlan, name: str, positions: range, resul
         "skipped": skipped,
         "notes": notes,
     }
+    if folds is not None:
+        state["folds"] = folds
+    return state
 
 
 def write_split(
@@ -216,6 +227,8 @@ def _split_entry(out: Path, split: str) -> dict | None:
         "num_samples": 0,
     }
     shard_list, skipped, notes, num_bytes = [], list(state["pre_skipped"]), [], 0
+    fold_column = state["config"]["source"].get("fold_column")
+    by_record = []  # the fold of each record, in order (with --fold-column)
     for name in state["config"]["shards"]:
         done = shards.read_json(state_dir / (name + shards.DONE_SUFFIX))
         path = out / split / name
@@ -236,6 +249,11 @@ def _split_entry(out: Path, split: str) -> dict | None:
         entry["num_samples"] += done["num_samples"]
         skipped += done["skipped"]
         notes += done.get("notes", [])
+        if fold_column is not None:
+            shard_folds = done.get("folds", [] if done["num_records"] == 0 else None)
+            if shard_folds is None or len(shard_folds) != done["num_records"]:
+                return None  # written without its folds: not a finished split of this configuration
+            by_record += shard_folds
         num_bytes += done["bytes"]
     entry["audio_hours"] = entry["num_samples"] / SAMPLE_RATE / 3600
     entry.update(
@@ -247,6 +265,8 @@ def _split_entry(out: Path, split: str) -> dict | None:
         skipped=skipped,
         notes=notes,
     )
+    if fold_column is not None:
+        entry["folds"] = folds_entry(fold_column, by_record)
     return entry
 
 
@@ -269,6 +289,14 @@ def build_manifest(out: Path, global_cfg: dict, command: list[str], timing: dict
         skipped += entry.pop("skipped")
         notes += entry.pop("notes")
         splits[split] = entry
+    record_fields = {
+        "spec": "float16 [frames, n_mels]",
+        "num_frames": "int: true number of frames (spec rows past it are zero padding)",
+        "clip_id": "str",
+        "labels": "list[int]: indices into label_vocabulary",
+    }
+    if any("folds" in entry for entry in splits.values()):
+        record_fields["fold"] = FOLD_FIELD
     manifest = {
         "format_version": records.FORMAT_VERSION,
         "bat_jax_version": __version__,
@@ -277,12 +305,7 @@ def build_manifest(out: Path, global_cfg: dict, command: list[str], timing: dict
         "n_mels": global_cfg["n_mels"],
         "clip": global_cfg["clip"],
         "label_vocabulary": global_cfg["label_vocabulary"],
-        "record_fields": {
-            "spec": "float16 [frames, n_mels]",
-            "num_frames": "int: true number of frames (spec rows past it are zero padding)",
-            "clip_id": "str",
-            "labels": "list[int]: indices into label_vocabulary",
-        },
+        "record_fields": record_fields,
         "record_encoding": "msgpack (bat_jax.data.records)",
         "arrayrecord_options": shards.WRITER_OPTIONS,
         "splits": splits,

@@ -123,7 +123,7 @@ def process_clip(task: ClipTask, loader, frontend: Frontend, num_classes: int) -
         features, frames = frontend(wave)
     except Exception as e:  # noqa: BLE001
         return ClipResult(kind="front-end error", reason=f"{type(e).__name__}: {e}")
-    record = records.encode(records.Clip(features, frames, task.clip_id, tuple(labels)))
+    record = records.encode(records.Clip(features, frames, task.clip_id, tuple(labels), task.fold))
     return ClipResult(record, frames, int(wave.shape[0]), notes=notes)
 
 

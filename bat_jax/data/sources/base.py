@@ -34,12 +34,15 @@ class ClipTask:
 
     `source` is what the manifest names when the clip is skipped (relative path, TFDS item...).
     `labels` are class indices; loaders that read labels from the data (TFDS) return their own.
+    `fold` is the clip's cross-validation fold (`prepare --fold-column`), written into its record; None
+    when the source has none.
     """
 
     index: int
     clip_id: str
     source: str
     labels: tuple[int, ...] = ()
+    fold: int | str | None = None
 
 
 @dataclass(frozen=True)

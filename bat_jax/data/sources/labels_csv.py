@@ -7,6 +7,11 @@ The rules (refused before any work otherwise, naming the CSV, its first row and 
 - without, every row has exactly two cells, path and labels; the first row is either the header
   `path,labels` or already a data row, whose path has an audio extension;
 - blank rows are ignored; a labels cell holds class names separated by `separator` (may be empty).
+
+`read_folds` reads one more column of the same CSV, a per-clip fold (--fold-column, e.g. ESC-50's `fold`):
+the header must name it (without --csv-columns the header is then `path,labels,<fold column>`, other columns
+ignored), and every data row needs a non-empty cell in it. Fold values are integers when every cell of the
+column is one (ESC-50's 1..5), else strings as written (stripped).
 """
 
 from __future__ import annotations
@@ -111,16 +116,17 @@ def _default_columns(rows, path: Path, extensions: Sequence[str]) -> tuple[int, 
     return 0, 1, int(is_header)
 
 
-def _named_columns(rows, columns: Sequence[str], path: Path) -> tuple[int, int, int]:
+def _named_columns(rows, columns: Sequence[str], path: Path, flag: str | None = None) -> tuple[int, int, int]:
     """(path column, labels column, rows to drop) of a CSV whose header names `columns`."""
     line, first = rows[0]
     header = [cell.strip().lower() for cell in first]
     wanted = [c.strip().lower() for c in columns]
     missing = [c for c in wanted if c not in header]
     if missing:
+        flag = flag or f"--csv-columns {','.join(columns)}"
         raise SourceError(
-            f"{path}: expected a header row naming the columns {list(columns)} (--csv-columns "
-            f"{','.join(columns)}), found first row {first} without {missing}"
+            f"{path}: expected a header row naming the columns {list(columns)} ({flag}), found first row "
+            f"{first} without {missing}"
         )
     path_col, labels_col = header.index(wanted[0]), header.index(wanted[1])
     for line, row in rows[1:]:
@@ -163,3 +169,63 @@ def read_labels_csv(
         names = tuple(n.strip() for n in row[labels_col].split(separator) if n.strip())
         out.append(_CsvRow(line, _normalise_csv_path(row[path_col], root), names))
     return out
+
+
+def _fold_value(cell: str) -> int | None:
+    try:
+        return int(cell)
+    except ValueError:
+        return None
+
+
+def read_folds(
+    path: str | os.PathLike,
+    root: Path,
+    fold_column: str,
+    columns: Sequence[str] | None = None,
+    *,
+    encoding: str = "utf-8",
+) -> dict[str, int | str]:
+    """Path relative to `root` -> fold value, from the `fold_column` column of a labels CSV (rules above).
+
+    `columns` is the (path, labels) pair of --csv-columns, None for the `path,labels` header. A path listed
+    twice keeps its first row's fold (the labels follow the first row too).
+
+        >>> csv, audio = Path("ESC-50/meta/esc50.csv"), Path("ESC-50/audio")
+        >>> read_folds(csv, audio, "fold", ("filename", "category"))  # doctest: +SKIP
+        {'1-100032-A-0.wav': 1, '1-100038-A-14.wav': 1, ...}
+    """
+    path = Path(path)
+    if not fold_column.strip():
+        raise SourceError("--fold-column: expected a column name of the labels CSV, found an empty name")
+    if not path.is_file():
+        raise SourceError(f"--labels-csv: expected a CSV file with a fold column, found no file {path}")
+    rows = _rows(_decode(path.read_bytes(), encoding, path), path)
+    if not rows:
+        raise SourceError(
+            f"{path}: expected a header naming --fold-column {fold_column!r}, found an empty CSV"
+        )
+    named = tuple(columns) if columns is not None else CSV_COLUMNS
+    how = "--csv-columns " + ",".join(named) if columns is not None else "the default header path,labels"
+    path_col, _, _ = _named_columns(rows, named, path, flag=f"{how}, needed by --fold-column")
+    header = [cell.strip().lower() for cell in rows[0][1]]
+    wanted = fold_column.strip().lower()
+    if wanted not in header:
+        found = [cell.strip() for cell in rows[0][1]]
+        raise SourceError(
+            f"{path}: expected a column {fold_column!r} (--fold-column) in the header, found columns {found}"
+        )
+    fold_col = header.index(wanted)
+    cells: dict[str, str] = {}
+    for line, row in rows[1:]:
+        cell = row[fold_col].strip() if fold_col < len(row) else ""
+        if not cell:
+            raise SourceError(
+                f"{path}, line {line}: expected a fold value in column {fold_col + 1} ({fold_column}, "
+                f"--fold-column), found an empty cell: {row}"
+            )
+        cells.setdefault(_normalise_csv_path(row[path_col], root), cell)
+    as_int = {rel: _fold_value(cell) for rel, cell in cells.items()}
+    if all(v is not None for v in as_int.values()):
+        return dict(as_int)
+    return cells
