@@ -32,6 +32,8 @@ def test_multilabel_matches_sklearn_on_random_data(seed):
     assert m["map"] == pytest.approx(average_precision_score(targets, probs, average="macro"), abs=1e-12)
     assert m["per_class_ap"] == pytest.approx(average_precision_score(targets, probs, average=None).tolist())
     assert m["f1"] == pytest.approx(f1_score(targets, probs >= 0.5, average="macro", zero_division=0))
+    sk_f1 = f1_score(targets, probs >= 0.5, average=None, zero_division=0).tolist()
+    assert m["per_class_f1"] == pytest.approx(sk_f1, abs=1e-15)
     assert m["accuracy"] is None and m["num_examples"] == 40 and m["num_scored_classes"] == 5
 
 
