@@ -5,7 +5,7 @@
                 distinct thresholds, no interpolation), mean over classes; single-label on softmax
                 probabilities (the official BAT evaluator's choice: softmax is not monotone per class, so
                 this differs from AP on logits), multi-label on sigmoid probabilities
-    f1          macro F1 (`sklearn.metrics.f1_score` per class): multi-label, a class is predicted when its
+    f1          macro F1 (per class as `sklearn.metrics.f1_score`): multi-label, a class is predicted when its
                 sigmoid probability is >= `threshold` (0.5); single-label, the argmax class is the one
                 predicted (a one-hot prediction, so no threshold)
     per_class_ap, per_class_f1   lists over the vocabulary, null where not defined (below)
@@ -15,7 +15,7 @@
 
 Classes without positives: a class with no positive clip (or frame) among those evaluated has no defined
 AP or F1; it is reported as null in `per_class_ap` / `per_class_f1` and left out of the macro means `map`,
-`f1` and `frame_map` (scikit-learn >= 1.x itself scores it AP 0 with a warning and counts it in its macro
+`f1` and `frame_map` (scikit-learn itself, 1.9 here, scores it AP 0 with a warning and counts it in its macro
 mean, which lowers the figure by the share of absent classes); `num_scored_classes` says how many classes
 the means are over. Metrics are computed on every clip given where `mask` is true; an empty selection is
 an error.
