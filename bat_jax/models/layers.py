@@ -130,29 +130,51 @@ def gelu_exact(x: Array) -> Array:
     return 0.5 * x * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
 
 
-def _attn_forward(q: Array, k: Array, v: Array) -> tuple[Array, tuple[Array, ...]]:
-    """q, k, v [B, N, H, Dh] → softmax(q kᵀ/√Dh) v [B, N, H, Dh], and the backward's residuals.
+# Attention on CPU runs in sequential chunks of rows whose [rows, H, N, N] score block stays near this size
+# (per device; it fits the last-level cache of a CPU): measured on a 2-core CPU at the decoder's shapes
+# (64 rows x 3 heads x 512 tokens) forward + backward took 0.64x the CPU time of all rows at once (see
+# benchmarks/RESULTS.md). Other backends run all rows at once.
+ATTENTION_CHUNK_BYTES = 8 * 2**20
 
-    Head-major scores [B, H, N, N]; the softmax is left unnormalised (e = exp(s − max)) and the division
-    by the row sum l is done on the [N, Dh] output instead of on the [N, N] probabilities."""
+
+def attention_chunks(batch: int, heads: int, tokens: int, itemsize: int) -> int:
+    """How many sequential chunks of rows `attention` uses for q [batch, tokens, heads, ·]: 1 off CPU, else
+    the fewest chunks (dividing each device's rows) whose score block is at most `ATTENTION_CHUNK_BYTES`."""
+    if jax.default_backend() != "cpu":
+        return 1
+    mesh = jax.sharding.get_abstract_mesh()
+    devices = 1 if mesh.empty else mesh.size
+    if batch % devices:
+        return 1
+    local = batch // devices  # rows per device when the batch is split over every device (the most)
+    per_row = heads * tokens * tokens * itemsize  # bytes of one row's scores
+    for n in range(1, local):
+        if local % n == 0 and (local // n) * per_row <= ATTENTION_CHUNK_BYTES:
+            return n
+    return local
+
+
+def _probs(q: Array, k: Array, m: Array | None = None) -> tuple[Array, Array]:
+    """q, k [B, N, H, Dh] → unnormalised probabilities e = exp(s − m) [B, H, N, N] of the head-major scores
+    s = q kᵀ/√Dh, and the row max m [B, H, N] (computed unless given: the backward's recompute)."""
     scale = np.float32(1.0 / np.sqrt(q.shape[-1])).astype(q.dtype)
     s = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k)  # [B, H, N, N]
-    e = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))  # [B, H, N, N]
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1)) if m is None else m  # [B, H, N]
+    return jnp.exp(s - m[..., None]), m
+
+
+def _attn_rows(q: Array, k: Array, v: Array) -> tuple[Array, Array, Array, Array]:
+    """Forward: out [B, N, H, Dh], e [B, H, N, N], row max m and 1 / row sum inv_l [B, H, N]. The softmax is
+    left unnormalised; the division by the row sum is done on the [N, Dh] output, not on the [N, N] e."""
+    e, m = _probs(q, k)
     inv_l = 1.0 / jnp.sum(e.astype(jnp.float32), axis=-1).astype(q.dtype)  # [B, H, N]
     out = jnp.einsum("bhqk,bkhd->bqhd", e, v) * jnp.swapaxes(inv_l, 1, 2)[..., None]  # [B, N, H, Dh]
-    return out, (q, k, v, e, inv_l, out)
+    return out, e, m, inv_l
 
 
-@jax.custom_vjp
-def attention(q: Array, k: Array, v: Array) -> Array:
-    """Multi-head softmax attention, q, k, v [B, N, H, Dh] → [B, N, H, Dh] (scores materialised, as the
-    reference). A custom VJP: the backward uses rowsum(dP ⊙ P) = rowsum(dO ⊙ O) ([N, Dh] instead of [N, N])
-    and one fused elementwise pass dS = e ⊙ (dP − δ) / l over the scores."""
-    return _attn_forward(q, k, v)[0]
-
-
-def _attn_bwd(res: tuple[Array, ...], d_out: Array) -> tuple[Array, Array, Array]:
-    q, k, v, e, inv_l, out = res
+def _attn_rows_bwd(q, k, v, e, inv_l, out, d_out) -> tuple[Array, Array, Array]:
+    """Backward from e: rowsum(dP ⊙ P) = rowsum(dO ⊙ O) ([N, Dh] instead of [N, N]) and one fused
+    elementwise pass dS = e ⊙ (dP − δ) / l over the scores."""
     scale = np.float32(1.0 / np.sqrt(q.shape[-1])).astype(q.dtype)
     inv = jnp.swapaxes(inv_l, 1, 2)[..., None]  # [B, N, H, 1]
     d_v = jnp.einsum("bhqk,bqhd->bkhd", e, d_out * inv)  # [B, N, H, Dh]
@@ -162,6 +184,60 @@ def _attn_bwd(res: tuple[Array, ...], d_out: Array) -> tuple[Array, Array, Array
     d_q = jnp.einsum("bhqk,bkhd->bqhd", d_s, k) * scale
     d_k = jnp.einsum("bhqk,bqhd->bkhd", d_s, q * scale)
     return d_q, d_k, d_v
+
+
+def _split_rows(x: Array, n: int) -> Array:
+    """[B, N, H, Dh] → [n, B/n, N, H, Dh], chunk i = rows i, i + n, i + 2n, ... (strided: a batch split over
+    devices in contiguous blocks keeps each chunk's rows on their devices)."""
+    x = jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)  # [n, B/n, N, H, Dh]
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return nn.with_logical_constraint(x, (None, *ACT_HEADS))
+
+
+def _merge_rows(x: Array) -> Array:
+    """Inverse of `_split_rows`: [n, B/n, ...] → [B, ...]."""
+    return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _attn_forward(q: Array, k: Array, v: Array) -> tuple[Array, tuple[Array, ...]]:
+    """q, k, v [B, N, H, Dh] → softmax(q kᵀ/√Dh) v [B, N, H, Dh], and the backward's residuals: all rows at
+    once (e kept for the backward), or in `attention_chunks` sequential chunks of rows (only the row max
+    and sum kept: the backward recomputes e chunk by chunk, as flash attention)."""
+    b, tokens, heads, _ = q.shape
+    n = attention_chunks(b, heads, tokens, jnp.dtype(q.dtype).itemsize)
+    if n == 1:
+        out, e, _, inv_l = _attn_rows(q, k, v)
+        return out, (q, k, v, e, inv_l, out)
+    qkv = tuple(_split_rows(x, n) for x in (q, k, v))  # [n, B/n, N, H, Dh] each
+
+    def rows(x: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+        out, _, m, inv_l = _attn_rows(*x)
+        return out, m, inv_l
+
+    out, m, inv_l = jax.lax.map(rows, qkv)
+    return _merge_rows(out), (*qkv, m, inv_l, out)
+
+
+@jax.custom_vjp
+def attention(q: Array, k: Array, v: Array) -> Array:
+    """Multi-head softmax attention, q, k, v [B, N, H, Dh] → [B, N, H, Dh], with a custom VJP (see
+    `_attn_rows_bwd`). The [B, H, N, N] scores are materialised for all rows at once (as the reference),
+    except on CPU, where the rows run in chunks whose scores stay in cache (`attention_chunks`)."""
+    return _attn_forward(q, k, v)[0]
+
+
+def _attn_bwd(res: tuple[Array, ...], d_out: Array) -> tuple[Array, Array, Array]:
+    if res[0].ndim == 4:  # all rows at once: (q, k, v, e, inv_l, out); chunked: q [n, B/n, N, H, Dh]
+        return _attn_rows_bwd(*res, d_out)
+    q, k, v, m, inv_l, out = res  # chunked, [n, B/n, ...] each
+
+    def rows(x: tuple[Array, ...]) -> tuple[Array, Array, Array]:
+        q, k, v, m, inv_l, out, d_out = x
+        return _attn_rows_bwd(q, k, v, _probs(q, k, m)[0], inv_l, out, d_out)
+
+    grads = jax.lax.map(rows, (q, k, v, m, inv_l, out, _split_rows(d_out, q.shape[0])))
+    return tuple(_merge_rows(g) for g in grads)
 
 
 attention.defvjp(_attn_forward, _attn_bwd)
