@@ -9,7 +9,8 @@
 writes ``<step>.orbax-checkpoint-tmp*`` and renames it to ``<step>`` (with ``commit_success.txt``) when
 complete, so a kill mid-save leaves the previous checkpoint the latest readable one; the next run's fresh
 manager deletes the tmp folder (tests/train/test_resilience.py kills a run mid-save). A failed save raises
-`SaveError` at the next `save` (Orbax reports an asynchronous failure only then) or is returned by `wait`.
+`SaveError` from `save` (that step's, or the next one's: Orbax reports a failure in its background thread
+only then) or is returned by `wait`.
 The reader of a workdir's encoder, without this package's train/ code, is bat_jax/convert/workdir.py.
 """
 
