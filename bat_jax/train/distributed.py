@@ -167,6 +167,16 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def barrier(name: str) -> None:
+    """Every process waits here for the others (nothing with one process). Used once after the compile:
+    compile times differ between hosts, and a first step whose collectives wait too long fails (gloo's
+    reduce-scatter gives up after 30 s, PITFALLS.md "Multi-host")."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def host_values(tree: Any) -> Any:
     """Replicated device values as numpy on every process: this process's first copy of each array
     (`jax.device_get` refuses arrays that are not fully addressable, as on several processes). An explicit

@@ -157,6 +157,7 @@ def _run(cfg, workdir, job, loader, manager, stop, progress, say) -> int:
     save_every = int(cfg.train.checkpoint_every)
     key_for, lr_at, track_bad = _jitted_helpers(cfg)
     step_fn, memory = job.compile(state, rng, loader)
+    distributed.barrier("bat-jax pretrain: compiled")  # the first step starts together on every process
     say(job.describe(state, memory))
     if start >= total:
         say(f"nothing to do: the checkpoint is at step {start} and train.steps={total}")
