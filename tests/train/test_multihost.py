@@ -279,3 +279,37 @@ def test_help_documents_the_multi_process_flags(capsys):
     out = capsys.readouterr().out
     for flag in ("--coordinator-address", "--num-processes", "--process-id", "--local-device-ids", "SLURM"):
         assert flag in out
+
+
+def test_initialize_passes_the_flags_or_lets_jax_detect_the_cluster_or_does_nothing(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed, "_on_tpu_vm", lambda: False)
+    for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "OMPI_MCA_orte_hnp_uri"):
+        monkeypatch.delenv(name, raising=False)
+    explicit = distributed.Options("10.0.0.1:1234", 2, 1, local_device_ids=(0, 1))
+    assert distributed.initialize(explicit) == "flags"
+    assert calls == [(("10.0.0.1:1234", 2, 1), {"local_device_ids": [0, 1]})]
+    assert distributed.initialize(distributed.Options()) is None and len(calls) == 1  # a plain process
+    for name, value in {**SLURM, "SLURM_NTASKS": "2"}.items():
+        monkeypatch.setenv(name, value)
+    assert distributed.initialize(distributed.Options(single_process=True)) is None and len(calls) == 1
+    assert distributed.initialize(distributed.Options()) == "slurm"
+    assert calls[-1] == ((), {"local_device_ids": None})  # jax reads the rest from SLURM
+
+
+def test_a_runtime_that_does_not_start_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    def fail(*args, **kwargs):
+        raise ValueError("Number of processes must be defined.\nmore detail")
+
+    monkeypatch.setattr(jax.distributed, "initialize", fail)
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    assert cli.main(["pretrain", "--config", TINY, "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    expected = (
+        "bat-jax pretrain: error: jax.distributed.initialize (JAX_COORDINATOR_ADDRESS) failed: Number of "
+        "processes must be defined. (pass --single-process to run as one process)\n"
+    )
+    assert err == expected, err
