@@ -7,7 +7,7 @@ replicated values, and the SIGTERM stop agreed by every process.
     distributed.host_values(metrics)                   # replicated device values as numpy, on every process
     stop = distributed.StopAgreement(mesh)             # stop.poll(local_flag) at every step boundary
 
-Initialisation (`options_from` / `initialize`): with ``--coordinator-address HOST:PORT --num-processes N
+Initialisation (`initialize`): with ``--coordinator-address HOST:PORT --num-processes N
 --process-id I`` (all three together) JAX's runtime starts with them; without flags the environment decides:
 a SLURM step of several tasks (``srun``), an Open MPI run of several ranks, a Cloud TPU VM (libtpu and a TPU
 device) or GKE TPU workers, or ``JAX_COORDINATOR_ADDRESS`` set → ``jax.distributed.initialize()`` with no
@@ -29,8 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-_WHERE = "bat_jax/train/distributed.py"
 
 
 class DistributedError(ValueError):
@@ -124,7 +122,7 @@ def detect_cluster(environ: Mapping[str, str] | None = None, tpu_vm: bool | None
         return "JAX_COORDINATOR_ADDRESS"
     slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")
     if all(k in env for k in slurm) and _more_than_one(
-        env.get("SLURM_NTASKS") or env.get("SLURM_STEP_NUM_TASKS")
+        env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
     ):
         return "slurm"
     if "OMPI_MCA_orte_hnp_uri" in env and _more_than_one(env.get("OMPI_COMM_WORLD_SIZE")):
