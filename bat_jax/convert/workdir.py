@@ -2,7 +2,8 @@
 
 Kept in convert/ so that the flow stays one way (train/ writes workdirs, convert/ reads them without importing
 train/). The saved state item (bat_jax/train/checkpoint.py) is {"step", "params": {"encoder", "decoder"},
-"teacher", "opt_state", "rng"}; only the asked encoder (the student's, or the EMA teacher) is read.
+"teacher", "opt_state", "rng"}; only the asked part is read: an encoder (the student's, or the EMA teacher)
+with `load_workdir`, the student's decoder with `load_workdir_decoder` (train.init_from).
 """
 
 from __future__ import annotations
@@ -48,35 +49,62 @@ def encoder_config(path: Path) -> EncoderConfig:
     return PRESETS[preset](**overrides)
 
 
-def load_workdir(path: Path, *, step: int | None = None, teacher: bool = False) -> tuple[EncoderConfig, Any]:
-    """(config, float32-or-stored-dtype numpy params) of the student encoder (or the EMA teacher) at
-    ``step`` (default: the latest checkpoint)."""
-    import orbax.checkpoint as ocp
-
+def resolve_step(path: Path, step: int | None = None) -> int:
+    """``step`` when the workdir has a finished checkpoint of it; by default the latest one."""
     found = steps(path)
     if not found:
         raise CheckpointError(f"{path / CHECKPOINTS}: expected at least one finished checkpoint, found none")
     if step is None:
-        step = found[-1]
-    elif step not in found:
+        return found[-1]
+    if step not in found:
         raise CheckpointError(
             f"{path / CHECKPOINTS}: expected a checkpoint of step {step}, found steps {found}"
         )
+    return step
+
+
+def load_workdir(path: Path, *, step: int | None = None, teacher: bool = False) -> tuple[EncoderConfig, Any]:
+    """(config, float32-or-stored-dtype numpy params) of the student encoder (or the EMA teacher) at
+    ``step`` (default: the latest checkpoint)."""
+    keys = ("teacher",) if teacher else ("params", "encoder")
+    return encoder_config(path), _restore(path, resolve_step(path, step), keys)
+
+
+def load_workdir_decoder(path: Path, *, step: int | None = None) -> tuple[int, Any]:
+    """(step, stored-dtype numpy params) of the student's decoder at ``step`` (default: the latest
+    checkpoint), for continued pretraining. CheckpointError when the state has no decoder."""
+    step = resolve_step(path, step)
+    return step, _restore(path, step, ("params", "decoder"))
+
+
+def _restore(path: Path, step: int, keys: tuple[str, ...]) -> Any:
+    """The subtree at ``keys`` of a checkpoint's state item, restored alone into numpy arrays (Orbax
+    metadata, then a partial restore: the rest of the state is not read)."""
+    import orbax.checkpoint as ocp
+
     state_dir = (path / CHECKPOINTS / str(step) / "state").absolute()
     checkpointer = ocp.PyTreeCheckpointer()
     try:
-        tree = checkpointer.metadata(state_dir).item_metadata.tree
-        sub = {"teacher": tree["teacher"]} if teacher else {"params": {"encoder": tree["params"]["encoder"]}}
+        node = checkpointer.metadata(state_dir).item_metadata.tree
+        for key in keys:
+            node = node[key]
+        sub = node
+        for key in reversed(keys):
+            sub = {key: sub}
         restore_args = _numpy_restore_args(sub, ocp)
         restored = checkpointer.restore(
             state_dir, args=ocp.args.PyTreeRestore(item=sub, restore_args=restore_args, partial_restore=True)
         )
-    except (KeyError, ValueError, FileNotFoundError) as e:
+    except Exception as e:  # a missing key (KeyError); Orbax / TensorStore raise many types when damaged
         why = f"{type(e).__name__}: {e}"
-        raise CheckpointError(f"{state_dir}: not a readable pretraining state ({why})") from e
+        raise CheckpointError(
+            f"{state_dir}: not a readable pretraining state with {'.'.join(keys)} ({why})"
+        ) from e
     finally:
         checkpointer.close()
-    return encoder_config(path), restored["teacher"] if teacher else restored["params"]["encoder"]
+    for key in keys:
+        restored = restored[key]
+    return restored
 
 
 def _numpy_restore_args(tree: Any, ocp) -> Any:

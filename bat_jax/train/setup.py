@@ -229,27 +229,81 @@ def _sharded_job(cfg, ssl, tx, rng, flops_per_step) -> Job:
 
 
 def init_from(state: step_lib.TrainState, source: str, job: Job, say) -> step_lib.TrainState:
-    """Student and teacher encoders from ``source`` (anything `bat_jax.load_encoder` reads); the decoder
-    and the optimizer stay fresh. Shapes must fit the config's encoder (ConfigError naming them)."""
+    """Student and teacher encoders from ``source`` (anything `bat_jax.load_encoder` reads); from a
+    pretraining workdir also the decoder of the same checkpoint when its shapes equal the config's (else it
+    stays fresh, and the message says why). The optimizer state stays fresh, the step 0. ConfigError naming
+    train.init_from when the source cannot be read or its encoder does not fit the config's."""
+    from bat_jax.convert import workdir
+    from bat_jax.convert.errors import CheckpointError
     from bat_jax.convert.load import load_weights
 
-    _, params, kind = load_weights(source)
-    ours = state.params["encoder"]
-    ours_shapes = jax.tree.map(lambda x: tuple(x.shape), ours)
-    theirs_shapes = jax.tree.map(lambda x: tuple(np.shape(x)), params)
-    if jax.tree.structure(ours_shapes) != jax.tree.structure(theirs_shapes) or ours_shapes != theirs_shapes:
-        flat_ours = dict(jax.tree_util.tree_flatten_with_path(ours_shapes)[0])
-        flat_theirs = dict(jax.tree_util.tree_flatten_with_path(theirs_shapes)[0])
-        diff = [
-            f"{jax.tree_util.keystr(k)}: config {flat_ours.get(k)} vs checkpoint {flat_theirs.get(k)}"
-            for k in sorted(set(flat_ours) | set(flat_theirs), key=str)
-            if flat_ours.get(k) != flat_theirs.get(k)
-        ][:5]
-        expected = "an encoder checkpoint whose shapes fit the config's encoder"
-        _fail("train.init_from", expected, f"{source}: {diff}")
+    path = Path(source)
+    try:
+        step = workdir.resolve_step(path) if workdir.is_workdir(path) else None
+        _, params, kind = load_weights(path, step=step)
+    except (CheckpointError, FileNotFoundError, ImportError, ValueError) as e:
+        raise ConfigError(
+            f"config train.init_from ({_WHERE}): expected a checkpoint that bat_jax.load_encoder reads, "
+            f"but {source} could not be read: {e}"
+        ) from e
+    diff = _shape_diff(state.params["encoder"], params)
+    if diff:
+        raise ConfigError(
+            f"config train.init_from ({_WHERE}): expected an encoder checkpoint whose shapes fit the "
+            f"config's encoder, found {source} with {diff}"
+        )
     place = lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding)  # noqa: E731
-    encoder = jax.tree.map(place, params, ours)
+    encoder = jax.tree.map(place, params, state.params["encoder"])
     teacher = jax.tree.map(jnp.copy, encoder)
-    say(f"init_from {source} ({kind}): student and teacher encoders loaded, decoder fresh")
-    params = {**state.params, "encoder": encoder}
+    decoder = state.params["decoder"]
+    if kind != "workdir":
+        loaded = "student and teacher encoders loaded, decoder fresh"
+    else:
+        decoder, why = _workdir_decoder(path, step, decoder, place)
+        if why is None:
+            loaded = f"student and teacher encoders and the decoder loaded from {path} step {step}"
+        else:
+            loaded = f"student and teacher encoders loaded from {path} step {step}, decoder fresh: {why}"
+    say(f"init_from {source} ({kind}): {loaded}; optimizer state fresh, step 0")
+    params = {**state.params, "encoder": encoder, "decoder": decoder}
     return state.replace(params=params, teacher_params=teacher, opt_state=state.opt_state)
+
+
+def _workdir_decoder(path: Path, step: int, fresh, place) -> tuple[Any, str | None]:
+    """(the workdir's decoder at ``step`` placed as ``fresh``, None), or (``fresh``, why not)."""
+    from bat_jax.convert import workdir
+    from bat_jax.convert.errors import CheckpointError
+
+    try:
+        _, theirs = workdir.load_workdir_decoder(path, step=step)
+    except CheckpointError as e:
+        return fresh, f"its decoder could not be read ({e})"
+    diff = _shape_diff(fresh, theirs)
+    if diff:
+        return fresh, f"its shapes do not fit the config's decoder ({diff})"
+    return jax.tree.map(place, theirs, fresh), None
+
+
+def _shape_diff(ours, theirs, most: int = 5) -> str:
+    """The first ``most`` differences between two trees' shapes, "" when none: ``a/b/c: config (16,) vs
+    checkpoint (8,)``, or a key only one of them has, joined with "; "."""
+    tuples = lambda x: isinstance(x, tuple)  # noqa: E731
+    flat = [
+        {_path(k): v for k, v in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=tuples)[0]}
+        for shapes in (jax.tree.map(lambda x: tuple(np.shape(x)), t) for t in (ours, theirs))
+    ]
+    diff = []
+    for key in sorted(set(flat[0]) | set(flat[1])):
+        a, b = flat[0].get(key), flat[1].get(key)
+        if a is None:
+            diff.append(f"{key}: in the checkpoint, not in the config")
+        elif b is None:
+            diff.append(f"{key}: in the config, not in the checkpoint")
+        elif a != b:
+            diff.append(f"{key}: config {a} vs checkpoint {b}")
+    more = f"; and {len(diff) - most} more" if len(diff) > most else ""
+    return "; ".join(diff[:most]) + more
+
+
+def _path(keys) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in keys)
