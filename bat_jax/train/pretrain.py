@@ -81,8 +81,10 @@ def _jitted_helpers(cfg: ml_collections.ConfigDict):
     return key_for, lr_at, track_bad
 
 
-def _log_scalars(metrics: dict, lr, window: dict[str, float], global_batch: int) -> dict[str, float]:
-    """Host floats of one log line: the step's metrics, lr, and the window's mean timings."""
+def _log_scalars(
+    metrics: dict, lr, window: dict[str, float], global_batch: int, job: setup_lib.Job
+) -> dict[str, float]:
+    """Host floats of one log line: the step's metrics, lr, the window's mean timings and the MFU."""
     host = distributed.host_values({**metrics, "lr": lr})  # also on several processes
     scalars = {k: float(np.asarray(v)) for k, v in host.items()}
     steps = max(window["steps"], 1)
@@ -91,6 +93,7 @@ def _log_scalars(metrics: dict, lr, window: dict[str, float], global_batch: int)
         step_time_s=step_time,
         data_wait_s=window["wait"] / steps,
         clips_per_s=global_batch / step_time if step_time > 0 else 0.0,
+        mfu=job.mfu(step_time),
     )
     return scalars
 
@@ -193,7 +196,7 @@ def _run(cfg, workdir, job, loader, manager, stop, progress, say) -> int:
                 window["wait"] += waited
                 tick = now
                 if step % log_every == 0 or step == total:
-                    scalars = _log_scalars(metrics, lr_at(state.step), window, global_batch)
+                    scalars = _log_scalars(metrics, lr_at(state.step), window, global_batch, job)
                     writer.write(step, scalars)
                     bar.show(scalars)
                     window = {"steps": 0, "time": 0.0, "wait": 0.0}
@@ -202,7 +205,11 @@ def _run(cfg, workdir, job, loader, manager, stop, progress, say) -> int:
                     first_bad = int(distributed.host_values(bad))
                     if first_bad >= 0:
                         return _nan_stop(first_bad, last_saved, workdir, tell)
-                    ckpt.save(manager, step, state, rng_data, loader)
+                    try:
+                        ckpt.save(manager, step, state, rng_data, loader)
+                    except ckpt.SaveError as e:  # names the step, the cause, the latest complete one
+                        _error(str(e), bar)
+                        return 1
                     last_saved = step
                 if stopping:
                     error = ckpt.wait(manager)

@@ -32,6 +32,7 @@ def test_run_writes_the_documented_workdir_layout(straight_run):
     first = "bat-jax pretrain: mesh {'data': 8, 'fsdp': 1}, 8 cpu devices, 1 clips x 4 views per device"
     assert lines[0].startswith(first), lines
     assert "student parameters" in lines[0] and "compiled step memory" in lines[0]
+    assert "model FLOPs per step" in lines[0] and "MFU against" in lines[0]
     config = json.loads((workdir / "config.json").read_text())
     assert config["train"]["steps"] == STEPS and config["frames"] == FRAMES
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
@@ -41,9 +42,10 @@ def test_run_writes_the_documented_workdir_layout(straight_run):
     rows = read_metrics(workdir)
     assert [r["step"] for r in rows] == [2, 4]
     keys = {"loss", "global_loss", "local_loss", "target_var", "pred_var", "lr", "ema_decay"}
-    keys |= {"clips_per_s", "step_time_s", "data_wait_s"}
+    keys |= {"grad_norm", "mfu", "clips_per_s", "step_time_s", "data_wait_s"}
     for row in rows:
         assert keys <= set(row) and np.isfinite(row["loss"])
+        assert row["grad_norm"] > 0 and 0 < row["mfu"] < 1
         assert row["loss"] == pytest.approx(row["global_loss"] + row["local_loss"], rel=1e-5)
     assert list((workdir / "tb").glob("events.out.tfevents.*"))
     state = _state(workdir, 4)
