@@ -25,20 +25,25 @@ config overrides, as ml_collections config flags (type-checked; an unknown field
   --config.train.seed=N            the masks' and the initial weights' seed
   --config.train.keep=N / keep_every=K  keep the last N checkpoints plus every K-th step
   --config.train.init_from=PATH    start student and teacher encoders from a checkpoint (anything
-                                   bat_jax.load_encoder reads); the decoder starts fresh
+                                   bat_jax.load_encoder reads); the decoder starts fresh, or from a
+                                   workdir source's decoder of the same step when its shapes fit
+  --config.train.peak_flops_per_device=F  one device's peak FLOP/s for the MFU (0: a vendor table for
+                                   known TPUs/GPUs at bf16, else a matmul measured at the start)
   --config.mesh.shape.data=N / --config.mesh.shape.fsdp=N   the device mesh (-1: the rest)
 
 the workdir DIR:
   config.json              the resolved config
   checkpoints/<step>/      Orbax checkpoints: state/ (step, params, teacher, opt_state, rng), data/ (Grain)
   metrics.jsonl            one JSON object per log line: step, loss, global_loss, local_loss, target_var,
-                           pred_var, lr, ema_decay, clips_per_s, step_time_s, data_wait_s
+                           pred_var, lr, ema_decay, grad_norm, clips_per_s, step_time_s, data_wait_s, mfu
   tb/                      TensorBoard events: tensorboard --logdir DIR/tb
 
 resume and preemption:
   a run in a DIR that has a checkpoint resumes from the latest one (the same batches and masks follow);
   SIGTERM saves at the next step boundary and exits 0 with a message; a NaN/Inf loss stops the run (exit 1)
-  naming the step and the last good checkpoint. bat_jax.load_encoder(DIR) loads the latest student encoder.
+  naming the step and the last good checkpoint; a failed save stops it (exit 1) naming the cause and the
+  latest complete checkpoint. A kill mid-save leaves the previous checkpoint the latest readable one.
+  bat_jax.load_encoder(DIR) loads the latest student encoder.
 
 several processes (hosts): one process per host (TPU VM worker) or per GPU, all with the same command;
   --coordinator-address HOST:PORT --num-processes N --process-id I   start jax.distributed with them (all
