@@ -116,25 +116,50 @@ def ssl_losses(
 # Metrics
 
 
+Moments = tuple[Array, Array, Array]  # (count [], mean [D], sum of squared deviations [D])
+
+
+def feature_moments(x: Array, where: Array | None = None) -> Moments:
+    """(count [], mean [D], sum of squared deviations [D]) of ``x`` [..., D] over its rows (the leading axes
+    flattened; ``where`` [...] selects rows), float32: `feature_std` in a form that merges over row sets
+    (`merge_moments`), e.g. over the micro-batches of an accumulated step."""
+    x = x.astype(jnp.float32).reshape(-1, x.shape[-1])  # [R, D]
+    w = jnp.ones(x.shape[:1], jnp.float32) if where is None else where.reshape(-1).astype(jnp.float32)  # [R]
+    count = jnp.sum(w)
+    mean = jnp.sum(x * w[:, None], axis=0) / count  # [D]
+    return count, mean, jnp.sum(jnp.square(x - mean) * w[:, None], axis=0)
+
+
+def merge_moments(a: Moments, b: Moments) -> Moments:
+    """The moments of two row sets together (Chan, Golub & LeVeque's pairwise update); ``a`` may be empty
+    (count 0), ``b`` may not."""
+    (na, ma, sa), (nb, mb, sb) = a, b
+    n = na + nb
+    delta = mb - ma  # [D]
+    return n, ma + delta * (nb / n), sa + sb + jnp.square(delta) * (na * nb / n)
+
+
+def moments_std(moments: Moments, eps: float = 1e-6) -> Array:
+    """`feature_std` from moments: mean over features of sqrt(unbiased variance + eps)."""
+    count, _, ssd = moments
+    return jnp.mean(jnp.sqrt(ssd / (count - 1) + eps))
+
+
 def feature_std(x: Array, where: Array | None = None, eps: float = 1e-6) -> Array:
     """data2vec 2.0's ``compute_var``: mean over features of sqrt(var + eps), the variance taken over every
     row (all leading axes flattened) with the unbiased estimator (torch's default). ``where`` [...] (the
     leading shape of x) restricts the rows, e.g. to masked patches. A collapse detector: targets or
     predictions that stop varying drive it to sqrt(eps)."""
-    x = x.astype(jnp.float32).reshape(-1, x.shape[-1])  # [R, D]
-    w = jnp.ones(x.shape[:1], jnp.float32) if where is None else where.reshape(-1).astype(jnp.float32)  # [R]
-    count = jnp.sum(w)
-    mean = jnp.sum(x * w[:, None], axis=0) / count  # [D]
-    var = jnp.sum(jnp.square(x - mean) * w[:, None], axis=0) / (count - 1)  # [D], unbiased
-    return jnp.mean(jnp.sqrt(var + eps))
+    return moments_std(feature_moments(x, where), eps)
 
 
-def target_var(targets: Array) -> Array:
-    """``feature_std`` of the teacher targets [B, N, D] over all clips and tokens (data2vec's target_var)."""
-    return feature_std(targets)
+def target_var(targets: Array, *, moments: bool = False) -> Array | Moments:
+    """``feature_std`` of the teacher targets [B, N, D] over all clips and tokens (data2vec's target_var);
+    ``moments=True``: its `feature_moments` instead."""
+    return feature_moments(targets) if moments else feature_std(targets)
 
 
-def pred_var(pred: Array, mask: Array) -> Array:
+def pred_var(pred: Array, mask: Array, *, moments: bool = False) -> Array | Moments:
     """``feature_std`` of the decoder output [B·V, N, D] over the masked patches (``mask`` [B·V, N]),
-    the patches that enter the local loss (data2vec's pred_var)."""
-    return feature_std(pred, where=mask)
+    the patches that enter the local loss (data2vec's pred_var); ``moments=True``: its `feature_moments`."""
+    return feature_moments(pred, where=mask) if moments else feature_std(pred, where=mask)

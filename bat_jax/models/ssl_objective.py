@@ -234,9 +234,13 @@ def bat_ssl_loss_with_masks(
     mask: Array,
     ids_keep: Array,
     config: SSLConfig,
+    *,
+    moments: bool = False,
 ) -> tuple[Array, dict[str, Array]]:
     """The objective for given masks: ``mask`` [B·V, N] (True = masked), ``ids_keep`` [B·V, K] sorted,
-    rows clip-major. Returns (loss float32, metrics {loss, global_loss, local_loss, target_var, pred_var})."""
+    rows clip-major. Returns (loss float32, metrics {loss, global_loss, local_loss, target_var, pred_var});
+    ``moments=True``: target_var / pred_var as `ssl_losses.feature_moments` (count, mean, sum of squared
+    deviations), which merge exactly over micro-batches (train/step.py)."""
     check_batch(spec, config)
     rows = spec.shape[0] * config.num_views
     if mask.shape != (rows, config.num_patches) or ids_keep.ndim != 2 or ids_keep.shape[0] != rows:
@@ -250,8 +254,8 @@ def bat_ssl_loss_with_masks(
     metrics = ssl_losses(
         pred, cls, targets, mask, config.num_views, config.global_weight, config.local_weight
     )
-    metrics["target_var"] = target_var(targets)
-    metrics["pred_var"] = pred_var(jax.lax.stop_gradient(pred), mask)
+    metrics["target_var"] = target_var(targets, moments=moments)
+    metrics["pred_var"] = pred_var(jax.lax.stop_gradient(pred), mask, moments=moments)
     return metrics["loss"], metrics
 
 

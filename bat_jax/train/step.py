@@ -36,22 +36,21 @@ import optax
 
 from bat_jax.models.ema import ema_decay, ema_update
 from bat_jax.models.encoder import unbox
-from bat_jax.models.ssl_losses import ssl_losses
+from bat_jax.models.ssl_losses import merge_moments, moments_std
 from bat_jax.models.ssl_objective import (
     SSLConfig,
     bat_ssl_loss,
+    bat_ssl_loss_with_masks,
     check_batch,
     draw_student_masks,
     init_params,
-    student_forward,
-    teacher_targets,
 )
 
 Array = jax.Array
 PyTree = Any
+VARIANCE_METRICS = ("target_var", "pred_var")  # metrics that are stds over the batch's rows
 
 _WHERE = "bat_jax/train/step.py"
-_VAR_EPS = 1e-6  # bat_jax.models.ssl_losses.feature_std's eps (target_var / pred_var)
 
 
 @flax.struct.dataclass
@@ -122,57 +121,6 @@ def micro_split(x: Array, micro_batches: int) -> Array:
     return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Variance metrics that merge exactly over micro-batches
-
-
-def feature_moments(x: Array, where: Array | None = None) -> tuple[Array, Array, Array]:
-    """(count [], mean [D], sum of squared deviations [D]) of ``x`` [..., D] over its rows (the leading axes;
-    ``where`` [...] selects rows), float32: what `ssl_losses.feature_std` reduces, in a form that merges."""
-    x = x.astype(jnp.float32).reshape(-1, x.shape[-1])  # [R, D]
-    w = jnp.ones(x.shape[:1], jnp.float32) if where is None else where.reshape(-1).astype(jnp.float32)  # [R]
-    count = jnp.sum(w)
-    mean = jnp.sum(x * w[:, None], axis=0) / count  # [D]
-    return count, mean, jnp.sum(jnp.square(x - mean) * w[:, None], axis=0)
-
-
-def merge_moments(a: tuple[Array, Array, Array], b: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
-    """The moments of two row sets together (Chan, Golub & LeVeque's pairwise update); ``a`` may be empty
-    (count 0), ``b`` may not."""
-    (na, ma, sa), (nb, mb, sb) = a, b
-    n = na + nb
-    delta = mb - ma  # [D]
-    return n, ma + delta * (nb / n), sa + sb + jnp.square(delta) * (na * nb / n)
-
-
-def moments_std(moments: tuple[Array, Array, Array]) -> Array:
-    """``feature_std`` from moments: mean over features of sqrt(unbiased variance + eps)."""
-    count, _, ssd = moments
-    return jnp.mean(jnp.sqrt(ssd / (count - 1) + _VAR_EPS))
-
-
-def _loss_with_moments(
-    params: PyTree, teacher_params: PyTree, spec: Array, mask: Array, ids_keep: Array, config: SSLConfig
-) -> tuple[Array, tuple[dict[str, Array], dict[str, tuple[Array, Array, Array]]]]:
-    """`ssl_objective.bat_ssl_loss_with_masks` with target_var / pred_var left as `feature_moments` (the
-    same pieces in the same order, so the loss is the same): (loss, ({loss, global_loss, local_loss},
-    {"target_var": moments of the targets, "pred_var": moments of the masked predictions}))."""
-    targets = teacher_targets(teacher_params, spec, config)  # [B, N, D]
-    cls, pred = student_forward(params, spec, ids_keep, config)  # [B·V, D], [B·V, N, D]
-    metrics = ssl_losses(
-        pred, cls, targets, mask, config.num_views, config.global_weight, config.local_weight
-    )
-    moments = {
-        "target_var": feature_moments(targets),
-        "pred_var": feature_moments(jax.lax.stop_gradient(pred), mask),
-    }
-    return metrics["loss"], (metrics, moments)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The step
-
-
 def loss_grads(
     params: PyTree, teacher_params: PyTree, spec: Array, key: Array, config: SSLConfig, micro_batches: int = 1
 ) -> tuple[dict[str, Array], PyTree]:
@@ -193,9 +141,10 @@ def loss_grads(
     ids = micro_split(ids_keep.reshape(b, v, -1), micro_batches).reshape(rows)  # [m, B/m·V, K]
 
     def micro(xs: tuple[Array, Array, Array]) -> tuple[PyTree, dict[str, Array], dict[str, tuple]]:
-        grad_fn = jax.value_and_grad(_loss_with_moments, has_aux=True)
-        (_, (losses, moments)), grads = grad_fn(params, teacher_params, *xs, config)
-        return grads, losses, moments
+        grad_fn = jax.value_and_grad(functools.partial(bat_ssl_loss_with_masks, moments=True), has_aux=True)
+        (_, metrics), grads = grad_fn(params, teacher_params, *xs, config)
+        moments = {k: metrics.pop(k) for k in VARIANCE_METRICS}  # merged exactly, not averaged
+        return grads, metrics, moments
 
     def body(total: tuple, xs: tuple[Array, Array, Array]) -> tuple[tuple, None]:
         grads, losses, moments = micro(xs)
