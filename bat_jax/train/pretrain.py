@@ -182,9 +182,10 @@ def _run(cfg, workdir, job, loader, manager, stop, progress, say) -> int:
         with jax.transfer_guard("disallow"):
             tick = time.perf_counter()
             while step < total:
+                fetch = time.perf_counter()  # not `tick`: the log line's reads wait for the queued steps
                 with jax.transfer_guard_host_to_device("allow"):  # the loader's placement is explicit,
-                    batch = next(loader)  # but jax counts it implicit on several processes (see below)
-                waited = time.perf_counter() - tick
+                    batch = next(loader)  # but jax counts it implicit on several processes (see above)
+                waited = time.perf_counter() - fetch
                 key = key_for(rng, state.step)
                 state, metrics = step_fn(state, batch["spec"], key)
                 bad = track_bad(bad, metrics["loss"], state.step)

@@ -14,8 +14,8 @@ from bat_jax.train import pretrain
 
 
 def _spy(log_scalars, out: Path):
-    def log(metrics, lr, window, global_batch):
-        scalars = log_scalars(metrics, lr, window, global_batch)
+    def log(*args):
+        scalars = log_scalars(*args)
         import jax
 
         row = {"process": jax.process_index(), "loss": scalars["loss"]}  # one per log line, in order
