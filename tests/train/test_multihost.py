@@ -30,18 +30,6 @@ TIMEOUT = 400  # seconds for one launch of both processes (2 busy cores)
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    """A synthetic prepared folder at 64 frames per clip: 24 clips, 12 per process."""
-    root = tmp_path_factory.mktemp("prepared") / "d64"
-    rc = cli.main(
-        ["prepare", "--source", "synthetic", "--out", str(root), "--num-clips", "24", "--num-eval-clips", "4",
-         "--clip-seconds", "0.63", "--workers", "1", "--no-progress"]
-    )  # fmt: skip
-    assert rc == 0
-    return root
-
-
-@pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory):
     """One JAX persistent compilation cache for every launch of the module: a relaunch (the resume) skips the
     compiles (jax writes it from process 0 and every process reads it)."""
