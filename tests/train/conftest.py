@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bat_jax import cli
+from bat_jax.train import config as train_config
 from bat_jax.train import pretrain
 from bat_jax.train.cli import parse_config
 
@@ -20,6 +21,21 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "pretrain" / "tiny.py")
 FRAMES = 64
 STEPS = 4
+
+
+def small_cfg(shape=(1, 1), *, batch: int, depth: int, fsdp: bool = True):
+    """configs/pretrain/tiny.py cut down to compile fast: 64 frames, ``depth`` blocks, 1 decoder block,
+    2 views, ``batch`` clips, the (data, fsdp) mesh ``shape``; ``fsdp=False`` replicates the parameters."""
+    cfg = train_config.pretrain_config("tiny")
+    cfg.frames = 64
+    cfg.encoder.overrides.depth = depth
+    cfg.ssl.decoder_depth = 1
+    cfg.ssl.num_views = 2
+    cfg.data.global_batch_size = batch
+    cfg.mesh.shape.data, cfg.mesh.shape.fsdp = shape
+    if not fsdp:
+        cfg.mesh.rules = tuple((name, None if name == "embed" else axes) for name, axes in cfg.mesh.rules)
+    return cfg
 
 
 @pytest.fixture(scope="session")

@@ -17,21 +17,15 @@ from bat_jax.train import flops, sharded
 from bat_jax.train import mesh as mesh_lib
 from bat_jax.train import setup as setup_lib
 from bat_jax.train.step import init_train_state, jit_train_step, loss_grads
+from tests.train import conftest
 
 BATCH = 8  # divides over the 4x2 mesh and into 2 micro-batches
 RTOL = 1e-5
 
 
 def small_cfg(shape=(1, 1)):
-    """configs/pretrain/tiny.py cut down to compile fast: 64 frames, 1 block, 1 decoder block, 2 views."""
-    cfg = train_config.pretrain_config("tiny")
-    cfg.frames = 64
-    cfg.encoder.overrides.depth = 1
-    cfg.ssl.decoder_depth = 1
-    cfg.ssl.num_views = 2
-    cfg.data.global_batch_size = BATCH
-    cfg.mesh.shape.data, cfg.mesh.shape.fsdp = shape
-    return cfg
+    """The conftest's cut-down tiny config with 1 block and BATCH clips."""
+    return conftest.small_cfg(shape, batch=BATCH, depth=1)
 
 
 def spec_batch() -> np.ndarray:

@@ -18,6 +18,7 @@ from jax.sharding import AxisType, PartitionSpec
 from bat_jax.train import config as train_config
 from bat_jax.train import mesh as mesh_lib
 from bat_jax.train import sharded
+from tests.train import conftest
 
 STEPS = 3
 BATCH = 16  # divides over 8 devices x 2 micro-batches
@@ -26,17 +27,8 @@ PARAM_TOL = 1e-5
 
 
 def small_cfg(shape=(1, 1), fsdp=True) -> ml_collections.ConfigDict:
-    """configs/pretrain/tiny.py, cut down to compile fast: 64 frames, 2 blocks, 1 decoder block, 2 views."""
-    cfg = train_config.pretrain_config("tiny")
-    cfg.frames = 64
-    cfg.encoder.overrides.depth = 2
-    cfg.ssl.decoder_depth = 1
-    cfg.ssl.num_views = 2
-    cfg.data.global_batch_size = BATCH
-    cfg.mesh.shape.data, cfg.mesh.shape.fsdp = shape
-    if not fsdp:
-        cfg.mesh.rules = tuple((name, None if name == "embed" else axes) for name, axes in cfg.mesh.rules)
-    return cfg
+    """The conftest's cut-down tiny config with 2 blocks and BATCH clips."""
+    return conftest.small_cfg(shape, batch=BATCH, depth=2, fsdp=fsdp)
 
 
 def make(cfg):
