@@ -29,7 +29,7 @@ import numpy as np
 from bat_jax.models import ssl_objective
 from bat_jax.models.encoder import param_count
 from bat_jax.train import config as train_config
-from bat_jax.train.flops import flops_breakdown
+from bat_jax.train.flops import flops_breakdown, measure_peak
 from bat_jax.train.step import init_train_state, jit_train_step
 
 SIZES = {"tiny": "tiny", "base": "bat_base"}  # --size → configs/pretrain/<name>.py
@@ -74,20 +74,6 @@ def xla_flops(compiled) -> float:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     return float(cost.get("flops", float("nan")))
-
-
-def matmul_flops_per_s(side: int, dtype: str, iters: int = 3) -> float:
-    """FLOP/s of a jitted [side, side] @ [side, side] matmul (median of `iters` after a warm-up)."""
-    keys = jax.random.split(jax.random.key(0))
-    a, b = (jax.random.normal(k, (side, side), jnp.dtype(dtype)) for k in keys)
-    mm = jax.jit(jnp.matmul)
-    jax.block_until_ready(mm(a, b))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(mm(a, b))
-        times.append(time.perf_counter() - t0)
-    return 2.0 * side**3 / float(np.median(times))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -159,7 +145,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     peak = None
     if args.matmul:
-        peak = matmul_flops_per_s(args.matmul, args.dtype)
+        peak = measure_peak(jax.devices()[0], args.dtype, args.matmul, statistic=np.median)
         side = args.matmul
         shape = f"{side}x{side} @ {side}x{side} {args.dtype}"
         print(json.dumps({"matmul": shape, "flops_per_s": f"{peak:.4g}"}))
