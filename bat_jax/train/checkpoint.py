@@ -23,9 +23,10 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from bat_jax.convert import workdir as workdir_lib
 from bat_jax.train.step import TrainState
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = workdir_lib.CHECKPOINTS  # "checkpoints"
 _WHERE = "bat_jax/train/checkpoint.py"
 
 
@@ -77,10 +78,8 @@ class SaveError(RuntimeError):
 def complete_steps(manager) -> list[int]:
     """The steps of the complete checkpoints on disk (Orbax renames ``<step>.orbax-checkpoint-tmp*`` to
     ``<step>`` when a save is committed; a failed save's step may stay in the manager's own cache)."""
-    directory = Path(manager.directory)
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+    directory = Path(manager.directory)  # WORKDIR/checkpoints
+    return workdir_lib.steps(directory.parent) if directory.is_dir() else []
 
 
 def latest_complete(manager) -> str:

@@ -34,6 +34,8 @@ from typing import Any
 import tqdm
 from tensorboardX import SummaryWriter
 
+from bat_jax.convert import workdir as workdir_lib
+
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 
@@ -101,7 +103,7 @@ def summary(workdir: str | Path) -> str:
     """What a finished run left: first and last logged loss, the workdir's layout, the TensorBoard command."""
     workdir = Path(workdir)
     rows = read_metrics(workdir)
-    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    steps = workdir_lib.steps(workdir)
     lines = [
         f"loss: {rows[0]['loss']:.4f} at step {rows[0]['step']} -> {rows[-1]['loss']:.4f} at step "
         f"{rows[-1]['step']} ({len(rows)} log lines)",
