@@ -2,7 +2,9 @@
 
 Each subcommand lives in its own module, which provides `add_parser(subparsers)` returning the
 parser it added (with `func` set to the function that runs it: `func(args) -> int` exit status).
-Modules are imported lazily so `bat-jax --help` stays fast.
+Modules are imported lazily so `bat-jax --help` stays fast. The console script is `run`: for the training
+jobs it first re-executes the process with glibc malloc asking for transparent huge pages
+(`bat_jax.train.hostmem`; `BAT_JAX_HOST_MALLOC=system` keeps the defaults), then calls `main`.
 """
 
 from __future__ import annotations
@@ -57,5 +59,23 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.func(args) or 0)
 
 
-if __name__ == "__main__":
+# subcommands whose process re-executes itself with bat_jax.train.hostmem's malloc tunables first
+HOST_MALLOC_TUNED = ("pretrain",)
+
+
+def run() -> None:
+    """The `bat-jax` console script (and `python -m bat_jax.cli`): `main` on sys.argv, after
+    `hostmem.maybe_reexec` for the subcommands in HOST_MALLOC_TUNED."""
+    if sys.argv[1:2] and sys.argv[1] in HOST_MALLOC_TUNED:
+        from bat_jax.train import hostmem
+
+        try:
+            hostmem.maybe_reexec()
+        except ValueError as err:  # a bad BAT_JAX_HOST_MALLOC: one line, as the config errors (exit 2)
+            print(f"bat-jax {sys.argv[1]}: {err}", file=sys.stderr)
+            sys.exit(2)
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

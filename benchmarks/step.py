@@ -10,6 +10,9 @@ Reports compile time (AOT lower + compile; the jitted step reuses the executable
 after one warm-up step), the jit cache size (stays 1: new mask keys never recompile), and the model FLOPs
 counted two ways: analytically (see below) and by XLA (`compiled.cost_analysis()["flops"]`), each as
 achieved FLOP/s and as a fraction of a large jitted matmul's FLOP/s measured in the same run.
+Run as a script it first re-executes itself with glibc malloc asking for transparent huge pages, as
+`bat-jax pretrain` does (`bat_jax/train/hostmem.py`; ``--host-malloc system`` keeps glibc's defaults);
+`host_malloc` in the output says which.
 
 The analytic count (matmuls only, forward + backward ≈ 3 forwards for the student and the decoder, the
 teacher forward once) is `bat_jax.train.flops.flops_breakdown`, the formula the pretraining job's MFU uses.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import jax
@@ -29,6 +33,7 @@ import numpy as np
 from bat_jax.models import ssl_objective
 from bat_jax.models.encoder import param_count
 from bat_jax.train import config as train_config
+from bat_jax.train import hostmem
 from bat_jax.train.flops import flops_breakdown, measure_peak
 from bat_jax.train.step import init_train_state, jit_train_step
 
@@ -49,6 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=None, help="encoder blocks (default: the size's)")
     p.add_argument("--heads", type=int, default=None, help="encoder and decoder heads (default: the size's)")
     p.add_argument("--decoder-depth", type=int, default=None, help="decoder blocks (default: the size's)")
+    p.add_argument(
+        "--host-malloc",
+        choices=hostmem.CHOICES,
+        default="hugepages",
+        help="hugepages: re-execute with glibc.malloc.hugetlb=1, as `bat-jax pretrain` runs "
+        "(bat_jax/train/hostmem.py); system: glibc's defaults",
+    )
     return p.parse_args(argv)
 
 
@@ -122,6 +134,7 @@ def bench(size: str, args: argparse.Namespace, peak: float | None) -> dict:
         "dtype": args.dtype,
         "remat": args.remat,
         "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind} x{jax.device_count()}",
+        "host_malloc": hostmem.active(),
         "init_s": round(init_s, 2),
         "lower_s": round(lower_s, 2),
         "compile_s": round(compile_s, 2),
@@ -158,4 +171,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
+    os.environ[hostmem.ENV] = parse_args().host_malloc
+    hostmem.maybe_reexec()  # as the job: the process restarts once with the tunables (unless "system")
     main()

@@ -56,6 +56,10 @@ several processes (hosts): one process per host (TPU VM worker) or per GPU, all 
   console; all write the checkpoint together; SIGTERM to any of them stops all after the same step, saved.
   The config needs a mesh section spanning every process's devices (mesh.shape over jax.device_count()).
 
+host memory (Linux, glibc >= 2.35): the process re-executes itself once at start (same PID) with
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=1: XLA:CPU's per-step temporaries (gigabytes) then fault in 2 MiB
+  huge pages instead of 4 KiB pages every step; BAT_JAX_HOST_MALLOC=system keeps glibc's defaults.
+
 exit status: 0 done or saved after SIGTERM, 1 NaN/Inf loss or a failed save, 2 a config or flag error.
 
 example:

@@ -29,6 +29,7 @@ from bat_jax.models.encoder import param_count
 from bat_jax.train import checkpoint as ckpt
 from bat_jax.train import config as config_lib
 from bat_jax.train import flops as flops_lib
+from bat_jax.train import hostmem
 from bat_jax.train import step as step_lib
 
 _WHERE = "bat_jax/train/setup.py"
@@ -176,6 +177,7 @@ class Job:
             f"{per_device} clips x {self.cfg.ssl.num_views} views per device, {student:,} student parameters "
             f"({encoder:,} encoder), compiled step memory {mem}, {self.flops_per_step:.3g} model FLOPs per "
             f"step, MFU against {peaks} x {peak.flops_per_s:.3g} FLOP/s ({peak.source})"
+            + (f", host malloc: {hostmem.active()}" if jax.devices()[0].platform == "cpu" else "")
         )
 
 
