@@ -4,6 +4,7 @@ The student encoder sees only the K kept patches of each view; the decoder predi
 at every one of the N patch positions:
 
     pred = VitDecoder(cfg).apply({"params": p}, tokens, ids_keep)   # [R, K, D_in], [R, K] → [R, N, D_in]
+    pred = VitDecoder(cfg).apply({"params": p}, tokens, ids_keep, ids_masked)   # [R, M]: → [R, M, D_in]
 
 1. an optional input projection D_in → D (no bias; only when the decoder width D differs from D_in);
 2. a [R, N, D] sequence filled with the learned mask token, the kept tokens scattered back to their
@@ -12,6 +13,10 @@ at every one of the N patch positions:
    table of the ``(F', T')`` grid, as the reference decoder (the same layout as BAT's encoder table);
 4. ``depth`` post-norm gated blocks (no final norm: the last block ends in its LayerNorm);
 5. an output projection D → D_in without bias.
+
+With ``ids_masked`` [R, M] the last block computes only those positions' outputs (their queries attend to
+all N tokens) and the predictions are [R, M, D_in], equal to the full output's rows at ``ids_masked``: the
+SSL loss reads the masked patches only, so the last block's other rows are work nobody reads.
 
 No CLS token enters the decoder.
 """
@@ -134,7 +139,8 @@ class VitDecoder(nn.Module):
         ]
         self.out_proj = Linear((d,), (cfg.in_dim,), (None, "embed"), use_bias=False, name="out_proj", **kinds)
 
-    def __call__(self, tokens: Array, ids_keep: Array) -> Array:  # [R, K, D_in], [R, K] → [R, N, D_in]
+    def __call__(self, tokens: Array, ids_keep: Array, ids_masked: Array | None = None) -> Array:
+        """[R, K, D_in], [R, K] → [R, N, D_in]; with ``ids_masked`` [R, M]: [R, M, D_in] (module doc)."""
         cfg = self.config
         rows, kept = ids_keep.shape
         if tokens.ndim != 3 or tokens.shape[:2] != (rows, kept) or tokens.shape[2] != cfg.in_dim:
@@ -151,9 +157,10 @@ class VitDecoder(nn.Module):
         x = jax.vmap(lambda row, idx: mask_tokens.at[idx].set(row, unique_indices=True))(x, ids_keep)
         x = x + self.pos_embed.astype(dtype)  # [R, N, D]
         x = nn.with_logical_constraint(x, ACT_TOKENS)
-        for block in self.blocks:
+        for block in self.blocks[:-1]:
             x = block(x)
-        return self.out_proj(x)  # [R, N, D_in]
+        x = self.blocks[-1](x) if ids_masked is None else self.blocks[-1](x, ids_masked)  # [R, N or M, D]
+        return self.out_proj(x)  # [R, N or M, D_in]
 
 
 def init_decoder_params(config: DecoderConfig, rng: Array) -> dict[str, Any]:

@@ -137,9 +137,10 @@ def gelu_exact(x: Array) -> Array:
 ATTENTION_CHUNK_BYTES = 8 * 2**20
 
 
-def attention_chunks(batch: int, heads: int, tokens: int, itemsize: int) -> int:
-    """How many sequential chunks of rows `attention` uses for q [batch, tokens, heads, ·]: 1 off CPU, else
-    the fewest chunks (dividing each device's rows) whose score block is at most `ATTENTION_CHUNK_BYTES`."""
+def attention_chunks(batch: int, heads: int, tokens: int, itemsize: int, kv_tokens: int | None = None) -> int:
+    """How many sequential chunks of rows `attention` uses for q [batch, tokens, heads, ·] and k, v with
+    ``kv_tokens`` (default ``tokens``): 1 off CPU, else the fewest chunks (dividing each device's rows) whose
+    score block is at most `ATTENTION_CHUNK_BYTES`."""
     if jax.default_backend() != "cpu":
         return 1
     mesh = jax.sharding.get_abstract_mesh()
@@ -147,7 +148,7 @@ def attention_chunks(batch: int, heads: int, tokens: int, itemsize: int) -> int:
     if batch % devices:
         return 1
     local = batch // devices  # rows per device when the batch is split over every device (the most)
-    per_row = heads * tokens * tokens * itemsize  # bytes of one row's scores
+    per_row = heads * tokens * (tokens if kv_tokens is None else kv_tokens) * itemsize  # one row's scores
     for n in range(1, local):
         if local % n == 0 and (local // n) * per_row <= ATTENTION_CHUNK_BYTES:
             return n
@@ -205,7 +206,7 @@ def _attn_forward(q: Array, k: Array, v: Array) -> tuple[Array, tuple[Array, ...
     once (e kept for the backward), or in `attention_chunks` sequential chunks of rows (only the row max
     and sum kept: the backward recomputes e chunk by chunk, as flash attention)."""
     b, tokens, heads, _ = q.shape
-    n = attention_chunks(b, heads, tokens, jnp.dtype(q.dtype).itemsize)
+    n = attention_chunks(b, heads, tokens, jnp.dtype(q.dtype).itemsize, kv_tokens=k.shape[1])
     if n == 1:
         out, e, _, inv_l = _attn_rows(q, k, v)
         return out, (q, k, v, e, inv_l, out)
@@ -221,7 +222,8 @@ def _attn_forward(q: Array, k: Array, v: Array) -> tuple[Array, tuple[Array, ...
 
 @jax.custom_vjp
 def attention(q: Array, k: Array, v: Array) -> Array:
-    """Multi-head softmax attention, q, k, v [B, N, H, Dh] → [B, N, H, Dh], with a custom VJP (see
+    """Multi-head softmax attention, q [B, M, H, Dh], k, v [B, N, H, Dh] → [B, M, H, Dh] (M = N for
+    self-attention; fewer queries when only some tokens' outputs are needed), with a custom VJP (see
     `_attn_rows_bwd`). The [B, H, N, N] scores are materialised for all rows at once (as the reference),
     except on CPU, where the rows run in chunks whose scores stay in cache (`attention_chunks`)."""
     return _attn_forward(q, k, v)[0]
@@ -243,8 +245,15 @@ def _attn_bwd(res: tuple[Array, ...], d_out: Array) -> tuple[Array, Array, Array
 attention.defvjp(_attn_forward, _attn_bwd)
 
 
+def take_rows(x: Array, rows: Array) -> Array:
+    """x [B, N, ...] → [B, M, ...]: the tokens ``rows`` [B, M] (int) of each batch row."""
+    return jnp.take_along_axis(x, rows.reshape(rows.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
 class GatedAttention(nn.Module):
-    """Multi-head self-attention; with `use_gate`, head outputs are gated by σ(x W_G + b_G) before W_O."""
+    """Multi-head self-attention; with `use_gate`, head outputs are gated by σ(x W_G + b_G) before W_O.
+    With ``rows`` [B, M], only those tokens' outputs [B, M, D] are computed (their queries attend to all N
+    keys and values): the same values as the full output's rows."""
 
     dim: int
     num_heads: int
@@ -254,7 +263,7 @@ class GatedAttention(nn.Module):
     param_dtype: DType = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:  # x: [B, N, D]
+    def __call__(self, x: Array, rows: Array | None = None) -> Array:  # x: [B, N, D] → [B, N or M, D]
         d, heads, head_dim = self.dim, self.num_heads, self.dim // self.num_heads
         kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         qkv = Linear(
@@ -262,7 +271,9 @@ class GatedAttention(nn.Module):
         )
         qkv = qkv(x)  # [B, N, 3, H, Dh]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, Dh] each
-        out = attention(q, k, v)  # softmax(q kᵀ / √Dh) v: [B, N, H, Dh]
+        if rows is not None:  # only these queries (and their gates)
+            q, x = take_rows(q, rows), take_rows(x, rows)  # [B, M, H, Dh], [B, M, D]
+        out = attention(q, k, v)  # softmax(q kᵀ / √Dh) v: [B, N or M, H, Dh]
         if self.use_gate:
             gate = Linear((d,), (heads, head_dim), ("embed", "heads", "kv"), name="gate", **kinds)
             out = out * jax.nn.sigmoid(gate(x))  # [B, N, H, Dh]
@@ -292,7 +303,9 @@ class Block(nn.Module):
 
     Post-norm (`layer_norm_first=False`, BAT/EAT/data2vec 2.0):  x ← LN₁(x + Attn(x)); x ← LN₂(x + MLP(x)).
     Pre-norm  (`layer_norm_first=True`):                          x ← x + Attn(LN₁(x)); x ← x + MLP(LN₂(x)).
-    The gate reads the attention's own input (x in post-norm, LN₁(x) in pre-norm).
+    The gate reads the attention's own input (x in post-norm, LN₁(x) in pre-norm). With ``rows`` [B, M]
+    (int), only those tokens' outputs [B, M, D] are computed, attending to all N tokens (a last block whose
+    other outputs nobody reads).
     """
 
     dim: int
@@ -306,16 +319,17 @@ class Block(nn.Module):
     param_dtype: DType = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:  # x: [B, N, D]
+    def __call__(self, x: Array, rows: Array | None = None) -> Array:  # x: [B, N, D] → [B, N or M, D]
         kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm1 = layer_norm(self.eps, name="norm1", **kinds)
         norm2 = layer_norm(self.eps, name="norm2", **kinds)
         attn = GatedAttention(self.dim, self.num_heads, self.qkv_bias, self.use_gate, name="attn", **kinds)
         mlp = Mlp(self.dim, int(self.dim * self.mlp_ratio), name="mlp", **kinds)
+        residual = x if rows is None else take_rows(x, rows)  # [B, N or M, D]
         if self.layer_norm_first:
-            x = x + attn(norm1(x))
+            x = residual + attn(norm1(x), rows)
             x = x + mlp(norm2(x))
         else:
-            x = norm1(x + attn(x))
+            x = norm1(residual + attn(x, rows))
             x = norm2(x + mlp(x))
         return nn.with_logical_constraint(x, ACT_TOKENS)

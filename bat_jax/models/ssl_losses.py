@@ -87,6 +87,20 @@ def local_loss(pred: Array, targets: Array, mask: Array, num_views: int) -> Arra
     return jnp.sum(per_patch * weight) / jnp.sum(weight)
 
 
+def masked_targets(targets: Array, ids_masked: Array, num_views: int) -> Array:
+    """The targets [B, N, D] at each view's masked patches ``ids_masked`` [B·V, M]: [B, V, M, D] float32."""
+    ids = _per_view(ids_masked, num_views, "ids_masked")  # [B, V, M]
+    return jax.vmap(lambda t, i: t[i])(targets.astype(jnp.float32), ids)  # [B, V, M, D]
+
+
+def local_loss_masked(pred: Array, targets: Array, ids_masked: Array, num_views: int) -> Array:
+    """`local_loss` from the predictions at the masked patches only: ``pred`` [B·V, M, D] at ``ids_masked``
+    [B·V, M] (every view masks the same M patches' count, so the mean over masked patches is a plain mean).
+    Float32 scalar."""
+    pred = _per_view(pred.astype(jnp.float32), num_views, "pred")  # [B, V, M, D]
+    return jnp.mean(jnp.square(pred - masked_targets(targets, ids_masked, num_views)))
+
+
 def ssl_losses(
     pred: Array,
     student_cls: Array,
@@ -95,12 +109,20 @@ def ssl_losses(
     num_views: int,
     global_weight: float,
     local_weight: float,
+    ids_masked: Array | None = None,
 ) -> dict[str, Array]:
     """BAT's objective: ``loss = global_weight · global_loss + local_weight · local_loss`` (equal in BAT;
     data2vec 2.0 / EAT scale the global term instead). Shapes: ``pred`` [B·V, N, D] decoder output,
-    ``student_cls`` [B·V, D], ``targets`` [B, N, D], ``mask`` [B·V, N] (True = masked)."""
+    ``student_cls`` [B·V, D], ``targets`` [B, N, D], ``mask`` [B·V, N] (True = masked). With ``ids_masked``
+    [B·V, M] (the masked patches, as ``mask`` says), ``pred`` is the decoder output at those patches only,
+    [B·V, M, D] (`local_loss_masked`)."""
     b, n, d = targets.shape
-    expected = {"pred": (b * num_views, n, d), "student_cls": (b * num_views, d), "mask": (b * num_views, n)}
+    rows_n = n if ids_masked is None else ids_masked.shape[-1]
+    expected = {
+        "pred": (b * num_views, rows_n, d),
+        "student_cls": (b * num_views, d),
+        "mask": (b * num_views, n),
+    }
     for name, x in (("pred", pred), ("student_cls", student_cls), ("mask", mask)):
         if tuple(x.shape) != expected[name]:
             raise ValueError(
@@ -108,7 +130,10 @@ def ssl_losses(
                 f"{tuple(targets.shape)} and num_views={num_views}, found {tuple(x.shape)}"
             )
     g = global_loss(student_cls, targets, num_views)
-    loc = local_loss(pred, targets, mask, num_views)
+    if ids_masked is None:
+        loc = local_loss(pred, targets, mask, num_views)
+    else:
+        loc = local_loss_masked(pred, targets, ids_masked, num_views)
     return {"loss": global_weight * g + local_weight * loc, "global_loss": g, "local_loss": loc}
 
 
@@ -159,7 +184,8 @@ def target_var(targets: Array, *, moments: bool = False) -> Array | Moments:
     return feature_moments(targets) if moments else feature_std(targets)
 
 
-def pred_var(pred: Array, mask: Array, *, moments: bool = False) -> Array | Moments:
+def pred_var(pred: Array, mask: Array | None, *, moments: bool = False) -> Array | Moments:
     """``feature_std`` of the decoder output [B·V, N, D] over the masked patches (``mask`` [B·V, N]),
-    the patches that enter the local loss (data2vec's pred_var); ``moments=True``: its `feature_moments`."""
+    the patches that enter the local loss (data2vec's pred_var); ``mask=None``: ``pred`` holds the masked
+    patches only ([B·V, M, D]), all rows count. ``moments=True``: its `feature_moments`."""
     return feature_moments(pred, where=mask) if moments else feature_std(pred, where=mask)

@@ -10,7 +10,9 @@ EMA copy of the student encoder's, ``spec`` [B, T, F] a batch of log-mel clips. 
 2. student: patch-embeds each clip once, adds the fixed sin-cos positions, gathers the K kept tokens of each
    view, prepends CLS, applies ``pre_norm`` and the encoder blocks (as the reference's masked student:
    positions before the gather, pre-norm after the CLS concat) → final CLS [B·V, D] and kept tokens;
-3. decoder: kept tokens scattered among mask tokens → predictions for all N patches [B·V, N, D];
+3. decoder: kept tokens scattered among mask tokens → predictions at the M = N − K masked patches
+   [B·V, M, D] (its last block computes only those rows; ``student_forward`` without ``ids_masked`` gives
+   all N);
 4. teacher (under ``stop_gradient``): the encoder on the full clip, once per clip; every block's patch
    outputs [L, B, N, D] (``target="eob"``, BAT) or every block's MLP output before the residual add
    (``target="ffn"``, data2vec 2.0 / EAT) → ``ssl_targets`` [B, N, D];
@@ -179,13 +181,22 @@ def _is_mlp(module: Any, method_name: str) -> bool:
     return isinstance(module, Mlp) and method_name == "__call__"
 
 
-def student_forward(params: PyTree, spec: Array, ids_keep: Array, config: SSLConfig) -> tuple[Array, Array]:
-    """Student encoder on the kept patches + decoder: CLS [B·V, D], predictions [B·V, N, D]."""
+def student_forward(
+    params: PyTree, spec: Array, ids_keep: Array, config: SSLConfig, ids_masked: Array | None = None
+) -> tuple[Array, Array]:
+    """Student encoder on the kept patches + decoder: CLS [B·V, D], predictions [B·V, N, D]; with
+    ``ids_masked`` [B·V, M] the predictions at those patches only, [B·V, M, D] (the same values)."""
     cls, kept = BatEncoder(config.encoder).apply(
         {"params": params["encoder"]}, spec, ids_keep, config.num_views, method=_masked_student
     )
-    pred = VitDecoder(config.decoder).apply({"params": params["decoder"]}, kept, ids_keep)
+    pred = VitDecoder(config.decoder).apply({"params": params["decoder"]}, kept, ids_keep, ids_masked)
     return cls, pred
+
+
+def masked_ids(mask: Array, num_masked: int) -> Array:
+    """The masked patch indices of each row, ascending: ``mask`` [R, N] bool with ``num_masked`` True per row
+    → int32 [R, num_masked]."""
+    return jnp.argsort(~mask, axis=1, stable=True)[:, :num_masked].astype(jnp.int32)
 
 
 def teacher_layer_outputs(teacher_params: PyTree, spec: Array, config: SSLConfig) -> Array:
@@ -250,12 +261,13 @@ def bat_ssl_loss_with_masks(
             f"{tuple(ids_keep.shape)}"
         )
     targets = teacher_targets(teacher_params, spec, config)  # [B, N, D]
-    cls, pred = student_forward(params, spec, ids_keep, config)  # [B·V, D], [B·V, N, D]
+    ids_masked = masked_ids(mask, config.num_patches - ids_keep.shape[1])  # [B·V, M]
+    cls, pred = student_forward(params, spec, ids_keep, config, ids_masked)  # [B·V, D], [B·V, M, D]
     metrics = ssl_losses(
-        pred, cls, targets, mask, config.num_views, config.global_weight, config.local_weight
+        pred, cls, targets, mask, config.num_views, config.global_weight, config.local_weight, ids_masked
     )
     metrics["target_var"] = target_var(targets, moments=moments)
-    metrics["pred_var"] = pred_var(jax.lax.stop_gradient(pred), mask, moments=moments)
+    metrics["pred_var"] = pred_var(jax.lax.stop_gradient(pred), None, moments=moments)
     return metrics["loss"], metrics
 
 

@@ -9,7 +9,9 @@ Analytic count (matmuls only; LayerNorm, GELU, softmax, masking and the optimize
     one block on n tokens of width D, MLP width M, per sequence:
         2·n·(3D² qkv + D² out + D² gate + 2·D·M mlp) + 4·n²·D (q·kᵀ, attn·v)  = 26·n·D² + 4·n²·D (M = 4D)
     student encoder: B·V sequences of K + 1 tokens (K = 102 kept + CLS), L blocks, + patch embedding
-    decoder:         B·V sequences of N = 512 tokens, L_dec blocks, + output projection 2·N·D_dec·D
+    decoder:         B·V sequences of N = 512 tokens, L_dec blocks, the last one computing only the
+                     M = N − K masked tokens' outputs (q, k, v still projected for all N: 6·N·D² +
+                     2·M·(D² + D² + 2·D·M_mlp) + 4·M·N·D), + output projection 2·M·D_dec·D
                      (+ input projection 2·K·D·D_dec when the decoder is narrower)
     teacher:         B sequences of N + 1 tokens, L blocks, + patch embedding (2·N·256·D per clip)
     step = 3 × (student + decoder) (forward + backward ≈ 3 forwards) + 1 × teacher (forward only)
@@ -70,10 +72,12 @@ class Peak(NamedTuple):
 # Model FLOPs
 
 
-def block_flops(n: int, d: int, mlp: int, gate: bool) -> int:
-    """Matmul FLOPs of one transformer block on one sequence of n tokens (forward)."""
-    dense = 3 * d * d + d * d + (d * d if gate else 0) + 2 * d * mlp
-    return 2 * n * dense + 4 * n * n * d
+def block_flops(n: int, d: int, mlp: int, gate: bool, queries: int | None = None) -> int:
+    """Matmul FLOPs of one transformer block on one sequence of n tokens (forward); with ``queries`` m, only
+    m tokens' outputs (`bat_jax.models.layers.Block` with ``rows``: q, k, v projected for all n tokens)."""
+    m = n if queries is None else queries
+    per_query = d * d + (d * d if gate else 0) + 2 * d * mlp  # out, gate, MLP
+    return 2 * (n * 3 * d * d + m * per_query) + 4 * m * n * d
 
 
 def flops_breakdown(config: SSLConfig, batch: int) -> dict[str, float]:
@@ -86,8 +90,10 @@ def flops_breakdown(config: SSLConfig, batch: int) -> dict[str, float]:
     embed = 2 * batch * n * patch_area * enc.dim  # once per clip (the views gather from it)
     student = embed + rows * enc.depth * block_flops(k + 1, enc.dim, enc.mlp_dim, enc.use_gate)
     d_dec = dec.width
-    decoder = rows * dec.depth * block_flops(n, d_dec, int(d_dec * dec.mlp_ratio), dec.use_gate)
-    decoder += 2 * rows * n * d_dec * enc.dim  # out_proj
+    mlp_dec = int(d_dec * dec.mlp_ratio)
+    decoder = rows * (dec.depth - 1) * block_flops(n, d_dec, mlp_dec, dec.use_gate)
+    decoder += rows * block_flops(n, d_dec, mlp_dec, dec.use_gate, queries=n - k)  # the masked outputs only
+    decoder += 2 * rows * (n - k) * d_dec * enc.dim  # out_proj at the masked patches
     if d_dec != enc.dim:
         decoder += 2 * rows * k * enc.dim * d_dec  # in_proj
     teacher = embed + batch * enc.depth * block_flops(n + 1, enc.dim, enc.mlp_dim, enc.use_gate)

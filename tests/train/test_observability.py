@@ -100,14 +100,16 @@ def test_one_device_and_4x2_mesh_report_the_same_metrics(one_device):
 
 
 def test_flops_formula_gives_the_benchmarks_figures():
-    """benchmarks/RESULTS.md "Pretraining step": 1 clip x 16 views x 1024 frames, tiny and BAT-B."""
+    """benchmarks/RESULTS.md "Pretraining step": 1 clip x 16 views x 1024 frames, tiny and BAT-B. Since issue
+    7's third sitting the decoder's last block computes only the 410 masked tokens' outputs: 1.43e10 ->
+    1.32e10 for tiny, 3.56e12 -> 3.48e12 for BAT-B."""
     tiny = train_config.ssl_preset("tiny", num_views=16, frames=1024)
     base = train_config.ssl_preset("bat_base")
-    assert flops.step_flops(tiny, 1) == pytest.approx(1.43e10, rel=5e-3)
+    assert flops.step_flops(tiny, 1) == pytest.approx(1.32e10, rel=5e-3)
     parts = flops.flops_breakdown(base, 1)
-    assert parts["step"] == pytest.approx(3.56e12, rel=5e-3)
+    assert parts["step"] == pytest.approx(3.48e12, rel=5e-3)
     assert parts["student_fwd"] == pytest.approx(3.10e11, rel=5e-3)
-    assert parts["decoder_fwd"] == pytest.approx(8.41e11, rel=5e-3)
+    assert parts["decoder_fwd"] == pytest.approx(8.17e11, rel=5e-3)
     assert parts["teacher_fwd"] == pytest.approx(1.04e11, rel=5e-3)
     assert flops.step_flops(base, 48) == pytest.approx(48 * parts["step"])  # linear in the clips
     with pytest.raises(ValueError, match="expected a global batch >= 1 clip, found 0"):
