@@ -39,10 +39,14 @@ def wanted(environ: dict[str, str] | None = None) -> dict[str, str]:
         raise ValueError(f"{ENV}: expected one of {', '.join(CHOICES)}, found {env[ENV]!r}")
     if choice == "system" or not glibc_supported():
         return {}
-    present = {item.split("=", 1)[0] for item in env.get(TUNABLES, "").split(":") if item}
-    if present & HUGE_PAGES.keys():
+    if parse_tunables(env.get(TUNABLES, "")).keys() & HUGE_PAGES.keys():
         return {}
     return dict(HUGE_PAGES)
+
+
+def parse_tunables(text: str) -> dict[str, str]:
+    """GLIBC_TUNABLES text ``key=value:key=value`` → {key: value} (an entry without '=' maps to "")."""
+    return dict((item.split("=", 1) + [""])[:2] for item in text.split(":") if item)
 
 
 def glibc_supported() -> bool:
@@ -77,6 +81,6 @@ def maybe_reexec() -> None:
 def active() -> str:
     """What this process runs with, for the job's first line: "hugepages" (the `HUGE_PAGES` tunables are set
     and glibc reads them) or "system"."""
-    current = dict(item.split("=", 1) for item in os.environ.get(TUNABLES, "").split(":") if "=" in item)
+    current = parse_tunables(os.environ.get(TUNABLES, ""))
     ok = glibc_supported() and all(current.get(k) == v for k, v in HUGE_PAGES.items())
     return "hugepages" if ok else "system"
