@@ -159,7 +159,7 @@ class VitDecoder(nn.Module):
         x = nn.with_logical_constraint(x, ACT_TOKENS)
         for block in self.blocks[:-1]:
             x = block(x)
-        x = self.blocks[-1](x) if ids_masked is None else self.blocks[-1](x, ids_masked)  # [R, N or M, D]
+        x = self.blocks[-1](x, ids_masked)  # [R, N, D], or [R, M, D] at ids_masked
         return self.out_proj(x)  # [R, N or M, D_in]
 
 
