@@ -12,12 +12,7 @@ parameter tree that disagrees with the config, or a NaN/Inf value is a `Checkpoi
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
-import time
-import traceback
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +20,7 @@ import jax
 import numpy as np
 
 from bat_jax.convert.errors import CheckpointError, one_line
+from bat_jax.convert.leftover_reads import reads_dropped
 from bat_jax.convert.mapping import check_finite
 from bat_jax.models.config import EncoderConfig
 from bat_jax.models.encoder import FrozenEncoder, abstract_params, unbox
@@ -124,7 +120,7 @@ def load_own(folder: Path, meta: dict[str, Any]) -> tuple[EncoderConfig, Any]:
     import orbax.checkpoint as ocp
 
     try:
-        with undeliverable_reads_dropped(), ocp.StandardCheckpointer() as checkpointer:  # closed on failure
+        with reads_dropped(str(params_dir)), ocp.StandardCheckpointer() as checkpointer:  # closed on failure
             params = checkpointer.restore(params_dir)
     except Exception as e:  # Orbax / TensorStore raise many types for a damaged folder
         raise CheckpointError(
@@ -135,57 +131,3 @@ def load_own(folder: Path, meta: dict[str, Any]) -> tuple[EncoderConfig, Any]:
     check_tree(params, unbox(abstract_params(config)), str(params_dir))
     check_finite(_flat(params), str(params_dir))
     return config, params
-
-
-def _is_undeliverable_read(unraisable: Any) -> bool:
-    """RuntimeError('Event loop is closed') raised by asyncio's call_soon_threadsafe."""
-    exc = unraisable.exc_value
-    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
-        return False
-    return any(frame.name == "call_soon_threadsafe" for frame in traceback.extract_tb(exc.__traceback__))
-
-
-def _dropping_hook(previous: Callable[[Any], Any], on_drop: Callable[[], None]) -> Callable[[Any], Any]:
-    """An unraisable hook that drops undeliverable TensorStore reads (calling `on_drop`) and hands every
-    other report on to `previous`."""
-
-    def hook(unraisable: Any) -> None:
-        if _is_undeliverable_read(unraisable):
-            on_drop()
-        else:
-            previous(unraisable)
-
-    hook.drops_undeliverable_reads = True  # type: ignore[attr-defined]
-    return hook
-
-
-@contextlib.contextmanager
-def undeliverable_reads_dropped(quiet_s: float = 0.05, max_wait_s: float = 1.0) -> Iterator[None]:
-    """While inside: after a failed Orbax restore, TensorStore reads still in flight hand their result to
-    Orbax's event loop, already closed, and each prints a RuntimeError('Event loop is closed') traceback
-    through sys.unraisablehook. Those results have no reader: drop exactly these reports (every other one
-    reaches the previous hook). When the body fails, wait (on that path only) until no such report came
-    for `quiet_s` (measured: they all arrive within ~5 ms), at most `max_wait_s`; then put the previous
-    hook back. `drop_undeliverable_reads_until_exit` is the backstop for the `bat-jax convert` process."""
-    previous = sys.unraisablehook
-    last_drop = [time.monotonic()]
-    hook = _dropping_hook(previous, lambda: last_drop.__setitem__(0, time.monotonic()))
-    sys.unraisablehook = hook
-    try:
-        yield
-    except BaseException:
-        start = last_drop[0] = time.monotonic()
-        while time.monotonic() - last_drop[0] < quiet_s and time.monotonic() - start < max_wait_s:
-            time.sleep(quiet_s / 10)
-        raise
-    finally:
-        if sys.unraisablehook is hook:  # somebody else may have installed theirs meanwhile: keep it
-            sys.unraisablehook = previous
-
-
-def drop_undeliverable_reads_until_exit() -> None:
-    """Install the filter of `undeliverable_reads_dropped` for the rest of the process (once). Only for a
-    command's own process (`bat-jax convert`): its one-line error must not be followed by TensorStore
-    tracebacks printed at exit; a library call (load_encoder) uses the scoped context manager."""
-    if not getattr(sys.unraisablehook, "drops_undeliverable_reads", False):
-        sys.unraisablehook = _dropping_hook(sys.unraisablehook, lambda: None)

@@ -57,13 +57,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from bat_jax.convert.checkpoint import drop_undeliverable_reads_until_exit, save_encoder
+    from bat_jax.convert.checkpoint import save_encoder
     from bat_jax.convert.errors import one_line
+    from bat_jax.convert.leftover_reads import drop_until_exit
     from bat_jax.convert.load import load_encoder
     from bat_jax.models.encoder import param_count
 
     # A failed Orbax restore's TensorStore reads report late (even at exit): not after our one-line error.
-    drop_undeliverable_reads_until_exit()
+    drop_until_exit()
     try:
         encoder = load_encoder(args.src, num_heads=args.num_heads)
         out = save_encoder(encoder, args.out, source=str(args.src), overwrite=args.overwrite)

@@ -4,7 +4,10 @@ Every unreadable input is a CheckpointError (a ValueError) naming the file and t
 and one line on stderr with exit status 1 through `bat-jax convert` (no traceback).
 """
 
+import asyncio
+import gc
 import json
+import logging
 import subprocess
 import sys
 import types
@@ -17,7 +20,7 @@ import pytest
 import torch
 
 from bat_jax import cli
-from bat_jax.convert import CheckpointError, checkpoint, load_encoder, load_weights, save_encoder
+from bat_jax.convert import CheckpointError, leftover_reads, load_encoder, load_weights, save_encoder
 from bat_jax.convert.mapping import pos_tolerance
 from bat_jax.models.layers import sincos_2d
 from tests.convert.helpers import copy_with_config, hf_folder, parity_errors
@@ -135,13 +138,61 @@ def test_undeliverable_reads_dropped_filters_exactly_those_reports():
     before = sys.unraisablehook
     sys.unraisablehook = seen.append
     try:
-        with checkpoint.undeliverable_reads_dropped():
+        with leftover_reads.reads_dropped("/nowhere"):
             sys.unraisablehook(_unraisable(undeliverable))
             sys.unraisablehook(_unraisable(other))
         assert sys.unraisablehook == seen.append
     finally:
         sys.unraisablehook = before
     assert [u.exc_value for u in seen] == [other]
+
+
+def _unretrieved_read_future(text):
+    """A failed future nobody awaited, held only by a reference cycle: asyncio reports it ("Future
+    exception was never retrieved") on the `asyncio` logger when the garbage collector finalizes it."""
+    loop = asyncio.new_event_loop()
+    future = loop.create_future()
+    future.set_exception(ValueError(text))
+    cycle = [future]
+    cycle.append(cycle)
+    loop.close()
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def emit(self, record):
+        self.seen.append(str(record.exc_info[1]))
+
+
+def test_failed_restore_collects_and_drops_its_unretrieved_reads(tmp_path):
+    # A failed restore's reads that nobody awaited are finalized inside the scope (gc on the failure
+    # path), so their reports are dropped there instead of printing at some later collection or at exit;
+    # the same report about another folder, or after the scope, reaches the handlers.
+    where = str(tmp_path / "params")
+    ours = f'DATA_LOSS: Error reading "cls_token/.zarray" at local file "{where}/" [tensorstore_spec=...]'
+    other = 'DATA_LOSS: Error reading "x/.zarray" at local file "/elsewhere/params/" [tensorstore_spec=...]'
+    records = _Records()
+    logger = logging.getLogger("asyncio")
+    logger.addHandler(records)
+    gc.collect()
+    gc.disable()  # only the scope's own collection may finalize the futures below
+    try:
+        with pytest.raises(RuntimeError, match="restore failed"):
+            with leftover_reads.reads_dropped(where):
+                _unretrieved_read_future(ours)
+                _unretrieved_read_future(other)
+                raise RuntimeError("restore failed")
+        assert records.seen == [other]
+        _unretrieved_read_future(ours)  # after the scope: reported
+        gc.collect()
+        assert records.seen == [other, ours]
+        assert not logger.filters
+    finally:
+        gc.enable()
+        logger.removeHandler(records)
 
 
 def test_unreadable_own_config_names_the_file(tmp_path, own_checkpoint):
