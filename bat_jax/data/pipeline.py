@@ -48,6 +48,10 @@ Pretraining, `make_pretrain_loader` (a `PretrainLoader`):
         mngr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(loader)))
     (one `process_<i>-of-<n>.json` file per JAX process).
 
+Probe training: the same loader with `roll=False` (probing has no augmentation: every clip's first
+`target_frames` frames, zero-padded) and `num_classes` for the multi-hot labels. Both loaders take `indices`
+(global record indices of the split's shards) to read only a hold-out or cross-validation subset of it.
+
 Evaluation, `make_eval_loader` (an `EvalLoader`): every clip exactly once over all processes, in record
 order. Process p reads a contiguous slice of the records, no roll, crop / zero-pad to `target_frames`,
 batches of `global_batch_size // process_count`. The last batch is zero-padded and every process yields
@@ -85,7 +89,15 @@ from bat_jax.data.placement import (  # noqa: F401  (re-exported: the pipeline's
     setup_loader,
     tune_malloc,
 )
-from bat_jax.data.shard_reader import ShardError, ShardSource, check_paths, shard_paths  # noqa: F401
+from bat_jax.data.shard_reader import (  # noqa: F401
+    ShardError,
+    ShardSource,
+    SubsetSource,
+    check_paths,
+    open_source,
+    record_labels,
+    shard_paths,
+)
 from bat_jax.data.transforms import CropPad, RollCropPad, clip_example, multi_hot, roll_crop_pad  # noqa: F401
 
 # Batches the pretraining loader reads and places ahead, in a thread, while the step runs (0: in next()).
@@ -121,8 +133,10 @@ class PretrainLoader:
         process_index: int | None = None,
         process_count: int | None = None,
         prefetch: int = PREFETCH_BATCHES,
+        roll: bool = True,
+        indices: Sequence[int] | None = None,
     ):
-        where = "pretraining pipeline"
+        where = "pretraining pipeline" if roll else "probe training pipeline"
         if isinstance(prefetch, bool) or not isinstance(prefetch, (int, np.integer)) or prefetch < 0:
             raise ValueError(
                 f"{where}: expected prefetch an integer >= 0 (batches placed ahead), found {prefetch!r}"
@@ -134,7 +148,7 @@ class PretrainLoader:
         )  # fmt: skip
         if not 0 <= seed < 2**32:
             raise ValueError(f"{where}: expected a seed in [0, 2**32), found {seed}")
-        source = ShardSource(paths)
+        source = open_source(paths, indices)
         self.num_records = len(source)
         self.records_per_process = self.num_records // self.process_count
         if self.local_batch_size > self.records_per_process:
@@ -154,7 +168,7 @@ class PretrainLoader:
             grain.MapDataset.source(source)[start : start + self.records_per_process]
             .shuffle(seed=shuffle_seed(seed, self.process_index))
             .repeat()
-            .map_with_index(RollCropPad(target_frames, seed, self.records_per_process, num_classes))
+            .map_with_index(RollCropPad(target_frames, seed, self.records_per_process, num_classes, roll))
             .batch(self.local_batch_size, drop_remainder=True)
             .to_iter_dataset(read_options(read_threads, self.local_batch_size))
         )
@@ -234,6 +248,7 @@ class EvalLoader:
         worker_count: int = 0,
         read_threads: int = 0,
         dtype: Any = np.float32,
+        indices: Sequence[int] | None = None,
     ):
         where = "evaluation pipeline"
         paths = check_paths(paths, where)
@@ -244,7 +259,7 @@ class EvalLoader:
         self.num_classes = num_classes
         self.worker_count = worker_count
         self.read_threads = read_threads
-        self._source = ShardSource(paths)
+        self._source = open_source(paths, indices)
         self.num_records = len(self._source)
         # Contiguous slices; sizes differ by at most one record, the largest sets the number of batches.
         self.start = self.num_records * self.process_index // self.process_count

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import grain
+import numpy as np
 
 from bat_jax.data import records
 
@@ -143,3 +144,40 @@ class ShardSource(grain.sources.RandomAccessDataSource):
 
     def __repr__(self) -> str:
         return f"ShardSource({len(self.paths)} shards, num_records={len(self)})"
+
+
+class SubsetSource(grain.sources.RandomAccessDataSource):
+    """The records of `source` at `indices` (global record indices, in that order), as (global record index,
+    decoded record): a hold-out or cross-validation fold of a prepared split. Errors name the shard as
+    `ShardSource`'s do."""
+
+    def __init__(self, source: ShardSource, indices: Sequence[int]):
+        self.source = source
+        self.indices = np.asarray(indices, np.int64).reshape(-1)
+        bad = self.indices[(self.indices < 0) | (self.indices >= len(source))]
+        if bad.size:
+            raise IndexError(
+                f"record subset: expected record indices in [0, {len(source)}) of {source!r}, found "
+                f"{bad[:5].tolist()}"
+            )
+        self.num_mels = source.num_mels
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[int, dict[str, Any]]:
+        return self.source[int(self.indices[int(index)])]
+
+    def __repr__(self) -> str:
+        return f"SubsetSource({len(self)} of {self.source!r})"
+
+
+def open_source(paths: Sequence[str], indices: Sequence[int] | None = None) -> ShardSource | SubsetSource:
+    """The shards `paths` as one source, or only their records at `indices` (global record indices)."""
+    source = ShardSource(paths)
+    return source if indices is None else SubsetSource(source, indices)
+
+
+def record_labels(source: ShardSource | SubsetSource) -> list[tuple[int, ...]]:
+    """Every record's class indices, in order (reads every record: the labels live beside the spectrogram)."""
+    return [tuple(int(v) for v in source[i][1]["labels"]) for i in range(len(source))]

@@ -86,8 +86,11 @@ class RollCropPad(grain.transforms.MapWithIndex):
     seed: int
     records_per_epoch: int
     num_classes: int | None = None
+    roll: bool = True  # False: probing (no augmentation), the first target_frames frames of every clip
 
     def map_with_index(self, index: int, element: tuple[int, dict[str, Any]]) -> Example:
+        if not self.roll:
+            return clip_example(element, self.target_frames, self.num_classes)
         record, clip = element
         epoch = index // self.records_per_epoch
         offset = record_offset(self.seed, epoch, record, clip["num_frames"])
