@@ -253,7 +253,8 @@ def take_rows(x: Array, rows: Array) -> Array:
 class GatedAttention(nn.Module):
     """Multi-head self-attention; with `use_gate`, head outputs are gated by σ(x W_G + b_G) before W_O.
     With ``rows`` [B, M], only those tokens' outputs [B, M, D] are computed (their queries attend to all N
-    keys and values): the same values as the full output's rows."""
+    keys and values): the same values as the full output's rows. With ``kv_start`` = Q > 0, the first Q tokens
+    only ask: every token's query attends to the keys and values of tokens Q: only (VQT's query tokens)."""
 
     dim: int
     num_heads: int
@@ -263,7 +264,9 @@ class GatedAttention(nn.Module):
     param_dtype: DType = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, rows: Array | None = None) -> Array:  # x: [B, N, D] → [B, N or M, D]
+    def __call__(
+        self, x: Array, rows: Array | None = None, kv_start: int = 0
+    ) -> Array:  # x: [B, N, D] → [B, N or M, D]
         d, heads, head_dim = self.dim, self.num_heads, self.dim // self.num_heads
         kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         qkv = Linear(
@@ -271,6 +274,8 @@ class GatedAttention(nn.Module):
         )
         qkv = qkv(x)  # [B, N, 3, H, Dh]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, Dh] each
+        if kv_start:  # nobody attends to the first kv_start tokens
+            k, v = k[:, kv_start:], v[:, kv_start:]  # [B, N - kv_start, H, Dh]
         if rows is not None:  # only these queries (and their gates)
             q, x = take_rows(q, rows), take_rows(x, rows)  # [B, M, H, Dh], [B, M, D]
         out = attention(q, k, v)  # softmax(q kᵀ / √Dh) v: [B, N or M, H, Dh]
@@ -305,7 +310,9 @@ class Block(nn.Module):
     Pre-norm  (`layer_norm_first=True`):                          x ← x + Attn(LN₁(x)); x ← x + MLP(LN₂(x)).
     The gate reads the attention's own input (x in post-norm, LN₁(x) in pre-norm). With ``rows`` [B, M]
     (int), only those tokens' outputs [B, M, D] are computed, attending to all N tokens (a last block whose
-    other outputs nobody reads).
+    other outputs nobody reads). With ``prefix`` [B, Q, D], the Q tokens are prepended as queries only: they
+    attend to x's N tokens but no token attends to them, so x's outputs are unchanged; the output is
+    [B, Q + N, D], prefix rows first (VQT's query tokens, see `bat_jax.models.vqt`). Not with ``rows``.
     """
 
     dim: int
@@ -319,17 +326,25 @@ class Block(nn.Module):
     param_dtype: DType = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, rows: Array | None = None) -> Array:  # x: [B, N, D] → [B, N or M, D]
+    def __call__(
+        self, x: Array, rows: Array | None = None, prefix: Array | None = None
+    ) -> Array:  # x: [B, N, D] → [B, N or M or Q + N, D]
         kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm1 = layer_norm(self.eps, name="norm1", **kinds)
         norm2 = layer_norm(self.eps, name="norm2", **kinds)
         attn = GatedAttention(self.dim, self.num_heads, self.qkv_bias, self.use_gate, name="attn", **kinds)
         mlp = Mlp(self.dim, int(self.dim * self.mlp_ratio), name="mlp", **kinds)
+        kv_start = 0
+        if prefix is not None:  # a static count (the prefix's shape): fine under nn.remat too
+            if rows is not None:
+                raise ValueError("Block (bat_jax/models/layers.py): pass rows or prefix, not both")
+            kv_start = prefix.shape[1]
+            x = jnp.concatenate([prefix.astype(x.dtype), x], axis=1)  # [B, Q + N, D]
         residual = x if rows is None else take_rows(x, rows)  # [B, N or M, D]
         if self.layer_norm_first:
-            x = residual + attn(norm1(x), rows)
+            x = residual + attn(norm1(x), rows, kv_start)
             x = x + mlp(norm2(x))
         else:
-            x = norm1(residual + attn(x, rows))
+            x = norm1(residual + attn(x, rows, kv_start))
             x = norm2(x + mlp(x))
         return nn.with_logical_constraint(x, ACT_TOKENS)
