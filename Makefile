@@ -21,14 +21,17 @@ venv-test: venv
 	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -qq '$(TORCH)'
 
 # The main job on the embedded synthetic dataset: prepare spectrogram shards, pretrain the tiny BAT on them
-# (256-frame crops so that 2 CPU cores finish in minutes), then print the first and last loss, the workdir
-# and the TensorBoard command. Run again: the prepare step reuses its shards, the pretrain step resumes.
+# (256-frame crops so that 2 CPU cores finish in minutes), print the first and last loss, the workdir and the
+# TensorBoard command; then probe the encoder it just pretrained with CGP and a linear probe (test accuracy,
+# layer gates in $(RUN)-probe/). Run again: prepare reuses its shards, pretrain resumes, probe runs anew.
 RUN    ?= runs/demo
 demo: venv
 	$(VENV)/bin/bat-jax prepare --source synthetic --out $(DEMO)
 	$(VENV)/bin/bat-jax pretrain --config configs/pretrain/tiny.py --workdir $(RUN) \
 	  --config.data.root=$(DEMO) --config.frames=256
 	$(PY) -m bat_jax.train.metrics $(RUN)
+	$(VENV)/bin/bat-jax probe --config configs/probe/synthetic.py --workdir $(RUN)-probe --overwrite \
+	  --config.encoder.path=$(RUN) --config.data.root=$(DEMO)
 
 # The whole test suite.
 test: venv-test
@@ -39,4 +42,4 @@ lint: venv
 	$(VENV)/bin/ruff format --check bat_jax tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(DEMO) $(RUN) .pytest_cache
+	rm -rf $(VENV) $(DEMO) $(RUN) $(RUN)-probe .pytest_cache

@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "convert": "bat_jax.convert.cli",
     "verify": "bat_jax.data.verify",
     "pretrain": "bat_jax.train.cli",
+    "probe": "bat_jax.probe.cli",
 }
 
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # subcommands whose process re-executes itself with bat_jax.train.hostmem's malloc tunables first
-HOST_MALLOC_TUNED = ("pretrain",)
+HOST_MALLOC_TUNED = ("pretrain", "probe")
 
 
 def run() -> None:

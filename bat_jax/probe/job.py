@@ -1,0 +1,309 @@
+"""`run_probe(cfg, workdir)`: the probing job behind `bat-jax probe` (see bat_jax/probe/cli.py for the
+workdir's contract).
+
+Stages: config and inputs checked (probe names, optimizer, prepared folder, splits, front-end, labels) →
+frozen encoder → for each evaluation (one, or one per fold): loaders → one jitted step for all probes and
+sweep members → validation every `train.eval_every` updates (best figures kept) → test at the end →
+metrics.json, gates.json (+ gates.png), the probe params (Orbax), metrics.jsonl and TensorBoard scalars.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from bat_jax.data.pipeline import EvalLoader, PretrainLoader
+from bat_jax.probe import heads as heads_lib
+from bat_jax.probe import step as step_lib
+from bat_jax.probe import tasks as tasks_lib
+from bat_jax.probe.heads import ProbeConfigError
+from bat_jax.probe.metrics import classification_metrics
+from bat_jax.probe.outputs import ProbeWriter, aggregate_folds, check_workdir, save_params, write_json
+
+Say = Callable[[str], None]
+
+
+def _check_config(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    names = heads_lib.probe_names(cfg.probes)
+    unsupported = [n for n in names if n in heads_lib.FRAME_WISE]
+    if unsupported:
+        raise ProbeConfigError(
+            f"probes: {unsupported} need frame-wise targets (sound event detection), which `bat-jax prepare` "
+            "does not store yet; use the clip-level probes"
+        )
+    heads_lib.check_optimizer(cfg)
+    if int(cfg.train.batch_size) < 1:
+        raise ProbeConfigError(f"train.batch_size: expected at least 1 clip, found {cfg.train.batch_size}")
+    if not cfg.encoder.path:
+        raise ProbeConfigError(
+            "encoder.path: expected an encoder to probe (anything bat_jax.load_encoder reads: a pretraining "
+            "workdir, a bat-jax checkpoint, a Hugging Face BAT folder, a BAT/EAT/SSLAM .pt), found none set"
+        )
+    if cfg.encoder.dtype not in ("float32", "bfloat16"):
+        raise ProbeConfigError(
+            f"encoder.dtype: expected 'float32' or 'bfloat16', found {cfg.encoder.dtype!r}"
+        )
+    return names
+
+
+def _mesh(batch_size: int) -> tuple[Mesh, NamedSharding, NamedSharding]:
+    devices = np.asarray(jax.devices())
+    if batch_size % devices.size:
+        raise ProbeConfigError(
+            f"train.batch_size: expected a multiple of the {devices.size} devices (the batch is split over "
+            f"them), found {batch_size}"
+        )
+    mesh = Mesh(devices, ("data",))
+    return mesh, NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+
+
+def run_probe(
+    cfg: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    say: Say = print,
+    progress: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Run the probes of `cfg` and write `workdir`; returns the metrics.json dict."""
+    from bat_jax.convert.load import load_encoder
+    from bat_jax.train.metrics import Progress
+
+    names = _check_config(cfg)
+    workdir = Path(workdir)
+    encoder = load_encoder(cfg.encoder.path, dtype=cfg.encoder.dtype)
+    enc_cfg = encoder.config
+    check_workdir(workdir, enc_cfg, overwrite)
+    task = tasks_lib.resolve(cfg, enc_cfg)
+    loss = heads_lib.loss_name(cfg, task.multilabel)
+    heads = heads_lib.build(names, cfg, task.num_classes, enc_cfg.depth, enc_cfg.dim)
+    members = heads_lib.members(cfg)
+    mesh, batch_sharding, replicated = _mesh(int(cfg.train.batch_size))
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_json(
+        workdir / "config.json", {**cfg.to_dict(), "resolved": _resolved(task, enc_cfg, loss, members)}
+    )
+    say(
+        f"probing {cfg.encoder.path} (depth {enc_cfg.depth}, dim {enc_cfg.dim}, {cfg.encoder.dtype}) with "
+        f"{', '.join(names)}: {task.num_classes} classes, {'multi' if task.multilabel else 'single'}-label, "
+        f"loss {loss}, {task.protocol} ({len(task.evaluations)} evaluation(s)), {len(members)} sweep "
+        f"member(s), {mesh.devices.size} device(s)"
+    )
+    encoder_params = jax.device_put(encoder.params, replicated)
+    tx = heads_lib.optimizer(
+        cfg, jax.eval_shape(lambda k: step_lib.init_params_of(heads, k), jax.random.key(0))
+    )
+    forward = step_lib.encoder_forward(enc_cfg)
+    train = step_lib.jit_train_step(forward, heads, tx, heads_lib.loss_fn(loss), cfg, replicated)
+    evaluate = step_lib.jit_eval_step(forward, heads)
+    writer = ProbeWriter(workdir)
+    total = int(cfg.train.steps) * len(task.evaluations)
+    bar = Progress(0, total, enabled=progress)
+    results: dict[str, Any] = {}
+    gates: dict[str, Any] = {}
+    try:
+        for k, evaluation in enumerate(task.evaluations):
+            run = _Run(cfg, task, evaluation, heads, members, mesh, batch_sharding, replicated, writer, bar)
+            state = run.train(train, evaluate, tx, encoder_params, offset=k * int(cfg.train.steps))
+            test = run.evaluate(evaluate, state.params, encoder_params, evaluation.test)
+            save_params(workdir, evaluation.name, state.params, replicated)
+            _collect(results, gates, names, members, evaluation.name, test, run.best, state)
+            bar.write(f"{_label(evaluation)} test: {_summary(test, names, members)}")
+            say(f"jit cache sizes: train {train._cache_size()}, eval {evaluate._cache_size()}")
+    finally:
+        bar.close()
+        writer.close()
+    if task.protocol == "kfold":
+        results = aggregate_folds(results)
+    write_json(workdir / "metrics.json", results)
+    write_json(workdir / "gates.json", gates)
+    _plot(workdir, gates)
+    say(f"wrote {workdir}/metrics.json, gates.json, params/ (TensorBoard: tensorboard --logdir {workdir}/tb)")
+    return results
+
+
+def _resolved(task, enc_cfg, loss, members) -> dict[str, Any]:
+    return {
+        "num_layers": enc_cfg.depth,
+        "dim": enc_cfg.dim,
+        "num_classes": task.num_classes,
+        "vocabulary": task.vocabulary,
+        "multilabel": task.multilabel,
+        "loss": loss,
+        "protocol": task.protocol,
+        "evaluations": [e.name for e in task.evaluations],
+        "members": [m["label"] for m in members],
+    }
+
+
+def _label(evaluation) -> str:
+    return f"fold {evaluation.name}" if evaluation.name else "run"
+
+
+def _primary(metrics: dict[str, Any]) -> float:
+    value = metrics["accuracy"] if metrics.get("accuracy") is not None else metrics.get("map")
+    return -math.inf if value is None else float(value)
+
+
+def _summary(results: dict, names, members) -> str:
+    parts = []
+    for name in names:
+        for m, member in enumerate(members):
+            r = results[name][m]
+            key = heads_lib.member_key(name, member["label"])
+            acc = "" if r["accuracy"] is None else f"acc {r['accuracy']:.4f}, "
+            parts.append(f"{key}: {acc}mAP {r['map']:.4f}" if r["map"] is not None else f"{key}: {acc}")
+    return "; ".join(parts)
+
+
+def _public(metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = ("accuracy", "map", "f1", "per_class_ap", "num_examples", "num_scored_classes")
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+def _collect(results, gates, names, members, fold, test, best, state) -> None:
+    gate_values = step_lib.gates(jax.device_get(state.params), heads_lib.gated(names))
+    for name in names:
+        for m, member in enumerate(members):
+            key = heads_lib.member_key(name, member["label"])
+            entry = {"test": _public(test[name][m])}
+            if best.get((name, m)) is not None:
+                step, metrics = best[(name, m)]
+                entry["best_validation"] = {**_public(metrics), "step": step}
+            if fold:
+                results.setdefault(key, {"folds": {}})["folds"][fold] = entry
+            else:
+                results[key] = entry
+            if name in gate_values:
+                weights = [float(w) for w in np.asarray(gate_values[name][m])]
+                if fold:
+                    gates.setdefault(key, {})[fold] = weights
+                else:
+                    gates[key] = weights
+
+
+def _plot(workdir: Path, gates: dict) -> None:
+    if not gates:
+        return
+    try:
+        from bat_jax.probe.report import save_gates_png
+    except ImportError:  # matplotlib missing: the JSON is written, the picture is optional
+        print("gates.png not written: matplotlib is not installed", file=sys.stderr)
+        return
+    save_gates_png(workdir)
+
+
+class _Run:
+    """One evaluation's training and evaluation loops."""
+
+    def __init__(self, cfg, task, evaluation, heads, members, mesh, batch_sharding, replicated, writer, bar):
+        self.cfg, self.task, self.evaluation = cfg, task, evaluation
+        self.heads, self.members, self.mesh = heads, members, mesh
+        self.batch_sharding, self.replicated = batch_sharding, replicated
+        self.writer, self.bar = writer, bar
+        self.best: dict[tuple[str, int], tuple[int, dict]] = {}
+        self.frames = int(cfg.frames)
+
+    def _loader(self, subset, train: bool):
+        common = dict(
+            global_batch_size=int(self.cfg.train.batch_size),
+            target_frames=self.frames,
+            sharding=self.batch_sharding,
+            num_classes=self.task.num_classes,
+            worker_count=int(self.cfg.data.worker_count),
+            indices=subset.indices,
+        )
+        try:
+            if train:
+                return PretrainLoader(subset.paths, seed=int(self.cfg.train.seed), roll=False, **common)
+            return EvalLoader(subset.paths, **common)
+        except ValueError as e:
+            raise ProbeConfigError(f"{subset.describe()}: {e}") from None
+
+    def train(self, train_step, eval_step, tx, encoder_params, offset: int):
+        cfg = self.cfg
+        state = step_lib.init_state(self.heads, tx, self.members)
+        state = jax.device_put(state, self.replicated)
+        steps, log_every = int(cfg.train.steps), max(1, int(cfg.train.log_every))
+        eval_every = int(cfg.train.eval_every) or steps
+        prefix = f"{self.evaluation.name}/" if self.evaluation.name else ""
+        loader = self._loader(self.evaluation.train, train=True)
+        start = time.perf_counter()
+        try:
+            for i in range(1, steps + 1):
+                state, parts = train_step(state, encoder_params, next(loader))
+                self.bar.update()
+                if i % log_every == 0 or i == steps:
+                    losses = {k: float(np.mean(v)) for k, v in jax.device_get(parts).items()}
+                    if not all(math.isfinite(v) for v in losses.values()):
+                        raise FloatingPointError(f"{prefix}step {i}: a probe's loss is not finite: {losses}")
+                    elapsed = time.perf_counter() - start
+                    scalars = {f"loss/{k}": v for k, v in losses.items()}
+                    scalars["clips_per_s"] = log_every * int(cfg.train.batch_size) / max(elapsed, 1e-9)
+                    self.writer.write(offset + i, scalars, prefix + "train")
+                    self.bar.show({"loss": sum(losses.values()) / len(losses), **scalars})
+                    start = time.perf_counter()
+                if self.evaluation.validation is not None and (i % eval_every == 0 or i == steps):
+                    self._validate(eval_step, state.params, encoder_params, i, offset, prefix)
+        finally:
+            loader.close()
+        return state
+
+    def _validate(self, eval_step, params, encoder_params, step, offset, prefix):
+        metrics = self.evaluate(eval_step, params, encoder_params, self.evaluation.validation)
+        scalars = {}
+        for name in self.heads:
+            for m, member in enumerate(self.members):
+                r = metrics[name][m]
+                key = heads_lib.member_key(name, member["label"])
+                for metric in ("accuracy", "map", "f1"):
+                    if r.get(metric) is not None:
+                        scalars[f"{metric}/{key}"] = r[metric]
+                old = self.best.get((name, m))
+                if old is None or _primary(r) > _primary(old[1]):
+                    self.best[(name, m)] = (step, r)
+        self.writer.write(offset + step, scalars, prefix + "validation")
+
+    def evaluate(self, eval_step, params, encoder_params, subset) -> dict[str, list[dict]]:
+        """{probe: [metrics of member m]} on every clip of `subset` (padding rows excluded)."""
+        loader = self._loader(subset, train=False)
+        logits: dict[str, list[np.ndarray]] = {name: [] for name in self.heads}
+        targets, valid = [], []
+        for batch in loader:
+            out = eval_step(params, encoder_params, batch)
+            for name, value in _gather(out).items():
+                logits[name].append(value)
+            targets.append(_gather(batch["labels"]))
+            valid.append(_gather(batch["valid"]))
+        y, keep = np.concatenate(targets), np.concatenate(valid)
+        results = {}
+        for name in self.heads:
+            all_logits = np.concatenate(logits[name], axis=1)  # [S, N, C]
+            results[name] = [
+                classification_metrics(all_logits[m], y, multilabel=self.task.multilabel, mask=keep)
+                for m in range(len(self.members))
+            ]
+        return results
+
+
+def _gather(tree):
+    """Device arrays sharded over the batch → numpy on the host (all processes' rows)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def print_json(results: dict) -> str:
+    return json.dumps(results, indent=2)

@@ -1,0 +1,166 @@
+"""One jitted step for every probe of a run: one frozen encoder forward per batch feeds them all.
+
+    state = init_state(heads, tx, members)            # params {name: tree}, each leaf [S, ...]
+    forward = encoder_forward(encoder_config)             # (params, spec) → (cls, patches), no gradient
+    state, losses = jit_train_step(forward, heads, tx, loss, cfg)(state, encoder_params, batch)
+    logits = jit_eval_step(forward, heads)(state.params, encoder_params, batch)   # {name: [S, B, C]}
+
+S is the number of sweep members (learning rates × seeds, 1 without a sweep): the probes' parameters and
+optimizer states carry a leading member axis and the update is `jax.vmap`ped over it, while the encoder runs
+once per batch outside the vmap; `peak_lr` [S] is each member's peak learning rate. The encoder's parameters
+are an argument (never in the optimizer) and its outputs go through `jax.lax.stop_gradient`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from bat_jax.models.config import EncoderConfig
+from bat_jax.models.encoder import BatEncoder
+from bat_jax.models.probes import init_params
+from bat_jax.probe import heads as heads_lib
+
+Array = jax.Array
+PyTree = Any
+
+
+@flax.struct.dataclass
+class ProbeState:
+    """``step`` int32 [] (completed updates); ``params`` {probe: tree} and ``opt_state`` with a leading
+    member axis [S]; ``peak_lr`` float32 [S]; ``rng`` [S] dropout keys (one per member, from its seed)."""
+
+    step: Array
+    params: PyTree
+    opt_state: PyTree
+    peak_lr: Array
+    rng: Array
+
+
+def init_params_of(heads: Mapping[str, nn.Module], key: Array) -> dict[str, PyTree]:
+    """Fresh plain (unboxed) params {name: tree} of the probes, probe i from fold_in(key, i)."""
+    return {
+        name: nn.unbox(init_params(head, jax.random.fold_in(key, i)))
+        for i, (name, head) in enumerate(heads.items())
+    }
+
+
+def init_state(
+    heads: Mapping[str, nn.Module], tx: optax.GradientTransformation, members: list[dict[str, Any]]
+) -> ProbeState:
+    """Step 0: member m's probes initialised from its seed (members of equal seeds start equal)."""
+    seeds = jnp.asarray([m["seed"] for m in members], jnp.uint32)
+    init_keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(0), s))(seeds)
+    params = jax.vmap(lambda k: init_params_of(heads, k))(init_keys)
+    opt_state = jax.vmap(tx.init)(params)
+    rng = jax.vmap(lambda k: jax.random.fold_in(k, 1 << 20))(init_keys)  # dropout stream, apart from init
+    peak = jnp.asarray([m["peak_lr"] for m in members], jnp.float32)
+    return ProbeState(jnp.zeros((), jnp.int32), params, opt_state, peak, rng)
+
+
+def encoder_forward(config: EncoderConfig) -> Callable[[PyTree, Array], tuple[Array, Array]]:
+    """(encoder params, spec [B, T, F]) → (cls [L, B, D], patches [L, B, T', F', D]), without gradient."""
+    module = BatEncoder(config)
+
+    def forward(params: PyTree, spec: Array) -> tuple[Array, Array]:
+        out = module.apply({"params": params}, spec.astype(jnp.dtype(config.dtype)))
+        return jax.lax.stop_gradient(out.cls), jax.lax.stop_gradient(out.patches)
+
+    return forward
+
+
+def _head_loss(
+    heads: Mapping[str, nn.Module],
+    loss: Callable[[Array, Array], Array],
+    lasso_weight: float,
+) -> Callable[..., tuple[Array, dict[str, Array]]]:
+    def total(params, cls, patches, targets, valid, key):
+        parts = {}
+        weights = valid.astype(jnp.float32)
+        for i, (name, head) in enumerate(heads.items()):
+            logits = head.apply(
+                {"params": params[name]},
+                cls,
+                patches,
+                deterministic=False,
+                rngs={"dropout": jax.random.fold_in(key, i)},
+            )
+            per_example = loss(logits, targets)  # [B]
+            value = jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+            parts[name] = value + heads_lib.regularizer(name, params[name], lasso_weight)
+        return sum(parts.values()), parts
+
+    return total
+
+
+Forward = Callable[[PyTree, Any], tuple[Array, Array]]
+
+
+def train_step_fn(
+    forward: Forward,
+    heads: Mapping[str, nn.Module],
+    tx: optax.GradientTransformation,
+    loss: Callable[[Array, Array], Array],
+    cfg: ml_collections.ConfigDict,
+) -> Callable[[ProbeState, PyTree, dict[str, Array]], tuple[ProbeState, dict[str, Array]]]:
+    """The (unjitted) update of every probe and member on one batch {"spec", "labels"[, "valid"]};
+    `forward(encoder_params, spec)` → (cls, patches) is the frozen encoder (`encoder_forward`), run once."""
+    objective = _head_loss(heads, loss, float(cfg.probe.get("lasso_weight", 0.0)))
+
+    def probe_train_step(state: ProbeState, encoder_params: PyTree, batch: dict[str, Array]):
+        cls, patches = forward(encoder_params, batch["spec"])
+        targets = batch["labels"]
+        valid = batch.get("valid", jnp.ones(targets.shape[:1], bool))
+
+        def member(params, opt_state, peak_lr, key):
+            grads, parts = jax.grad(objective, has_aux=True)(params, cls, patches, targets, valid, key)
+            opt_state.hyperparams["learning_rate"] = heads_lib.lr_at(state.step, peak_lr, cfg)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, parts
+
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.rng, state.step)
+        params, opt_state, parts = jax.vmap(member)(state.params, state.opt_state, state.peak_lr, keys)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new, parts
+
+    return probe_train_step
+
+
+def jit_train_step(forward: Forward, heads, tx, loss, cfg, out_sharding=None):
+    """`train_step_fn` jitted, the state donated. `out_sharding` (e.g. replicated over the mesh) fixes the
+    new state's placement: left to the partitioner, a leaf may come out sharded like the batch, and the
+    next call, given another input sharding, would compile again."""
+    return jax.jit(
+        train_step_fn(forward, heads, tx, loss, cfg), donate_argnums=(0,), out_shardings=out_sharding
+    )
+
+
+def eval_step_fn(
+    forward: Forward, heads: Mapping[str, nn.Module]
+) -> Callable[[PyTree, PyTree, dict[str, Array]], dict[str, Array]]:
+    """(probe params [S, ...], encoder params, batch) → {name: logits [S, B, C] float32}, dropout off."""
+
+    def probe_eval_step(params: PyTree, encoder_params: PyTree, batch: dict[str, Array]) -> dict[str, Array]:
+        cls, patches = forward(encoder_params, batch["spec"])
+        out = {}
+        for name, head in heads.items():
+            out[name] = jax.vmap(lambda p, head=head: head.apply({"params": p}, cls, patches))(params[name])
+        return out
+
+    return probe_eval_step
+
+
+def jit_eval_step(forward: Forward, heads):
+    return jax.jit(eval_step_fn(forward, heads))
+
+
+def gates(params: PyTree, names: list[str]) -> dict[str, Array]:
+    """{name: softmax gate [S, L]} of the gated probes among `names`."""
+    return {name: jax.nn.softmax(params[name]["gate_logits"], axis=-1) for name in names}
