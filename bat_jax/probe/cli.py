@@ -20,7 +20,8 @@ config overrides, as ml_collections config flags (type-checked; an unknown field
                                    SSLAM .pt)
   --config.encoder.dtype=bfloat16  the frozen forward's precision (float32 or bfloat16)
   --config.data.root=PATH          a folder written by `bat-jax prepare` (with the encoder's front-end)
-  --config.probes=cgp,lp           probes run together: cgp, cgp_patch_avg, lcgp, h2t, lp, protobin
+  --config.probes=cgp,lp           probes run together: cgp, cgp_patch_avg, lcgp, h2t, lp, protobin, vqt
+                                   (vqt runs the encoder again, with its query tokens)
   --config.train.steps=N           updates (the learning-rate schedule ends here)
   --config.train.batch_size=N      clips per update over all devices
   --config.train.seed=N            the probes' initialisation and dropout, and the training order

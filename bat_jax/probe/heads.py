@@ -21,7 +21,9 @@ import ml_collections
 import optax
 
 from bat_jax.models import losses
+from bat_jax.models.config import EncoderConfig
 from bat_jax.models.probes import PROBE_NAMES, group_lasso_penalty, make_probe
+from bat_jax.models.vqt import make_vqt_probe
 
 Array = jax.Array
 PyTree = Any
@@ -31,6 +33,8 @@ GATED = ("cgp", "cgp_patch_avg", "cgp_frame", "lcgp")  # probes with a convex la
 FRAME_WISE = ("cgp_frame",)
 PROTOTYPE_PROBES = ("cgp", "cgp_patch_avg", "cgp_frame", "protobin")
 DEFAULT_DECAY_REGEX = r"(^|/)fc/kernel$"
+VQT = "vqt"  # the one probe that runs the encoder itself (query tokens prepended at every block)
+NAMES = (*PROBE_NAMES, VQT)
 
 
 class ProbeConfigError(ValueError):
@@ -45,10 +49,10 @@ def probe_names(value: Any) -> tuple[str, ...]:
         names = [str(n).strip() for n in value]
     else:
         raise ProbeConfigError(f"probes: expected a list of names or 'cgp,lp', found {value!r}")
-    unknown = [n for n in names if n not in PROBE_NAMES]
+    unknown = [n for n in names if n not in NAMES]
     if not names or unknown:
         raise ProbeConfigError(
-            f"probes: expected names from {list(PROBE_NAMES)}, found {names if not names else unknown}"
+            f"probes: expected names from {list(NAMES)}, found {names if not names else unknown}"
         )
     if len(set(names)) != len(names):
         raise ProbeConfigError(f"probes: expected each probe once, found {names}")
@@ -84,16 +88,28 @@ def loss_fn(name: str) -> Callable[[Array, Array], Array]:
 
 
 def build(
-    names: Sequence[str], cfg: ml_collections.ConfigDict, num_classes: int, num_layers: int, dim: int
+    names: Sequence[str],
+    cfg: ml_collections.ConfigDict,
+    num_classes: int,
+    num_layers: int,
+    dim: int,
+    encoder: EncoderConfig | None = None,
 ) -> dict[str, Any]:
-    """{name: Linen probe} with the config's sizes (probe.num_prototypes, probe.dropout_rate)."""
+    """{name: Linen probe} with the config's sizes (probe.num_prototypes, probe.dropout_rate). VQT needs the
+    `encoder`'s config (it runs the encoder's blocks with its query tokens) and, as the reference, applies
+    no head dropout; probe.vqt_queries sets its query tokens per block (10)."""
     heads = {}
     for name in names:
+        if name == VQT:
+            if encoder is None:
+                raise ProbeConfigError("probes: vqt needs the encoder's config (build(..., encoder=))")
+            heads[name] = make_vqt_probe(
+                num_classes, encoder, num_queries=int(cfg.probe.get("vqt_queries", 10))
+            )
+            continue
         kw: dict[str, Any] = {"dropout_rate": float(cfg.probe.dropout_rate)}
         if name in PROTOTYPE_PROBES:
             kw["num_prototypes"] = int(cfg.probe.num_prototypes)
-        if name == "vqt":
-            raise ProbeConfigError("probes: vqt is not available in this build of bat-jax probe")
         heads[name] = make_probe(name, num_classes, num_layers, dim, **kw)
     return heads
 

@@ -86,7 +86,7 @@ def run_probe(
     check_workdir(workdir, enc_cfg, overwrite)
     task = tasks_lib.resolve(cfg, enc_cfg)
     loss = heads_lib.loss_name(cfg, task.multilabel)
-    heads = heads_lib.build(names, cfg, task.num_classes, enc_cfg.depth, enc_cfg.dim)
+    heads = heads_lib.build(names, cfg, task.num_classes, enc_cfg.depth, enc_cfg.dim, enc_cfg)
     members = heads_lib.members(cfg)
     mesh, batch_sharding, replicated = _mesh(int(cfg.train.batch_size))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ import optax
 from bat_jax.models.config import EncoderConfig
 from bat_jax.models.encoder import BatEncoder
 from bat_jax.models.probes import init_params
+from bat_jax.models.vqt import VQTProbe, init_vqt_params, vqt_logits
 from bat_jax.probe import heads as heads_lib
 
 Array = jax.Array
@@ -46,10 +47,21 @@ class ProbeState:
 
 def init_params_of(heads: Mapping[str, nn.Module], key: Array) -> dict[str, PyTree]:
     """Fresh plain (unboxed) params {name: tree} of the probes, probe i from fold_in(key, i)."""
-    return {
-        name: nn.unbox(init_params(head, jax.random.fold_in(key, i)))
-        for i, (name, head) in enumerate(heads.items())
-    }
+    out = {}
+    for i, (name, head) in enumerate(heads.items()):
+        init = init_vqt_params if isinstance(head, VQTProbe) else init_params
+        out[name] = nn.unbox(init(head, jax.random.fold_in(key, i)))
+    return out
+
+
+def head_logits(head, params, cls, patches, encoder_params, spec, *, deterministic=True, rng=None) -> Array:
+    """One probe's logits: from the shared frozen outputs (cls, patches), or, for VQT, from its own encoder
+    forward with query tokens (the encoder's outputs are unchanged by them; the gradient stops at its
+    parameters)."""
+    rngs = None if deterministic or rng is None else {"dropout": rng}
+    if isinstance(head, VQTProbe):
+        return vqt_logits(head, params, encoder_params, spec, deterministic=deterministic, rng=rng)
+    return head.apply({"params": params}, cls, patches, deterministic=deterministic, rngs=rngs)
 
 
 def init_state(
@@ -81,16 +93,13 @@ def _head_loss(
     loss: Callable[[Array, Array], Array],
     lasso_weight: float,
 ) -> Callable[..., tuple[Array, dict[str, Array]]]:
-    def total(params, cls, patches, targets, valid, key):
+    def total(params, cls, patches, encoder_params, spec, targets, valid, key):
         parts = {}
         weights = valid.astype(jnp.float32)
         for i, (name, head) in enumerate(heads.items()):
-            logits = head.apply(
-                {"params": params[name]},
-                cls,
-                patches,
-                deterministic=False,
-                rngs={"dropout": jax.random.fold_in(key, i)},
+            rng = jax.random.fold_in(key, i)
+            logits = head_logits(
+                head, params[name], cls, patches, encoder_params, spec, deterministic=False, rng=rng
             )
             per_example = loss(logits, targets)  # [B]
             value = jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
@@ -120,7 +129,9 @@ def train_step_fn(
         valid = batch.get("valid", jnp.ones(targets.shape[:1], bool))
 
         def member(params, opt_state, peak_lr, key):
-            grads, parts = jax.grad(objective, has_aux=True)(params, cls, patches, targets, valid, key)
+            grads, parts = jax.grad(objective, has_aux=True)(
+                params, cls, patches, encoder_params, batch["spec"], targets, valid, key
+            )
             opt_state.hyperparams["learning_rate"] = heads_lib.lr_at(state.step, peak_lr, cfg)
             updates, opt_state = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, parts
@@ -151,7 +162,8 @@ def eval_step_fn(
         cls, patches = forward(encoder_params, batch["spec"])
         out = {}
         for name, head in heads.items():
-            out[name] = jax.vmap(lambda p, head=head: head.apply({"params": p}, cls, patches))(params[name])
+            logits = lambda p, head=head: head_logits(head, p, cls, patches, encoder_params, batch["spec"])  # noqa: E731
+            out[name] = jax.vmap(logits)(params[name])
         return out
 
     return probe_eval_step

@@ -12,7 +12,7 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.task = "base"
     c.frames = 1024  # spectrogram frames per clip: crop / zero-pad (no augmentation while probing)
-    c.probes = "cgp"  # comma-separated: cgp, cgp_patch_avg, lcgp, h2t, lp, protobin
+    c.probes = "cgp"  # comma-separated: cgp, cgp_patch_avg, lcgp, h2t, lp, protobin, vqt
     c.loss = "auto"  # cross_entropy (single-label), bce (multi-label), asymmetric (AudioSet), auto
 
     c.encoder = ml_collections.ConfigDict()
@@ -24,6 +24,7 @@ def get_config():
     c.probe.num_prototypes = 10_000  # K, CGP and ProtoBin
     c.probe.dropout_rate = 0.2  # head dropout
     c.probe.lasso_weight = 1e-4  # H2T's group lasso (0 on AudioSet)
+    c.probe.vqt_queries = 10  # VQT's query tokens per block
 
     c.optim = ml_collections.ConfigDict()
     c.optim.peak_lr = 1e-3

@@ -112,6 +112,21 @@ def test_kfold_reports_each_fold_and_mean_std(tmp_path, encoder):
     assert all((tmp_path / "run" / "params" / k).is_dir() for k in ("1", "2", "3"))
 
 
+def test_vqt_trains_beside_the_other_probes(tmp_path, encoder, three_splits):
+    # VQT runs the encoder's blocks with its query tokens inside the same jitted step as the other probes.
+    import jax
+    import orbax.checkpoint as ocp
+
+    cfg = probe_config(encoder, three_splits, probes="lp,vqt")
+    cfg.probe.vqt_queries = 3
+    results = run_probe(cfg, tmp_path / "run", say=lambda s: None)
+    assert results["vqt"]["test"]["num_examples"] == 16
+    with ocp.StandardCheckpointer() as checkpointer:
+        saved = checkpointer.restore((tmp_path / "run" / "params" / "final").absolute())
+    assert saved["vqt"]["query_tokens"].shape == (1, 2, 3, 32)  # [members, layers, queries, dim]
+    assert jax.tree.leaves(saved["vqt"]["fc"])[0].shape[0] == 1
+
+
 def _refused(cfg, workdir, match):
     with pytest.raises(ProbeConfigError, match=match):
         run_probe(cfg, workdir, say=lambda s: None)

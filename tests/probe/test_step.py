@@ -80,16 +80,17 @@ def test_cgp_gate_finds_the_planted_layer_while_the_last_layer_probe_stays_at_ch
 
 
 def test_weight_decay_only_on_linear_weights():
+    from bat_jax.models.config import EncoderConfig
+
     cfg = _cfg()
-    names = ("cgp", "lcgp", "h2t", "lp", "protobin")
-    heads = heads_lib.build(names, cfg, C, L, D)
+    names = ("cgp", "lcgp", "h2t", "lp", "protobin", "vqt")
+    heads = heads_lib.build(names, cfg, C, L, D, EncoderConfig(dim=D, depth=L, num_heads=2))
     params = step_lib.init_params_of(heads, jax.random.key(0))
     mask = heads_lib.decay_mask(params)
     flat = {heads_lib._path(p): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
     assert {p for p, v in flat.items() if v} == {f"{n}/fc/kernel" for n in names}
-    assert {"cgp/gate_logits", "cgp/prototypes", "cgp/fc/bias", "lcgp/ln/scale", "protobin/prototypes"} <= {
-        p for p, v in flat.items() if not v
-    }
+    no_decay = {"cgp/gate_logits", "cgp/prototypes", "cgp/fc/bias", "lcgp/ln/scale", "protobin/prototypes"}
+    assert no_decay | {"vqt/query_tokens"} <= {p for p, v in flat.items() if not v}
     # AdamW with zero gradients: only the decayed weights move (by lr * wd * w).
     tx = heads_lib.optimizer(cfg, params)
     opt = tx.init(params)
