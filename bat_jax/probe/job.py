@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bat_jax.data.pipeline import EvalLoader, PretrainLoader
+from bat_jax.probe import cache as cache_lib
 from bat_jax.probe import heads as heads_lib
 from bat_jax.probe import step as step_lib
 from bat_jax.probe import tasks as tasks_lib
@@ -42,6 +43,11 @@ def _check_config(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
             "does not store yet; use the clip-level probes"
         )
     heads_lib.check_optimizer(cfg)
+    if cfg.get("cache", {}).get("enabled", False) and heads_lib.VQT in names:
+        raise ProbeConfigError(
+            "cache.enabled: vqt runs the encoder with its own query tokens, so its features cannot be "
+            "cached; probe vqt in a run without the cache"
+        )
     if int(cfg.train.batch_size) < 1:
         raise ProbeConfigError(f"train.batch_size: expected at least 1 clip, found {cfg.train.batch_size}")
     if not cfg.encoder.path:
@@ -105,6 +111,10 @@ def run_probe(
     )
     forward = step_lib.encoder_forward(enc_cfg)
     train = step_lib.jit_train_step(forward, heads, tx, heads_lib.loss_fn(loss), cfg, replicated)
+    if cfg.cache.enabled:  # the same step on cached tokens: no encoder forward
+        train = step_lib.jit_train_step(
+            cache_lib.cached_forward, heads, tx, heads_lib.loss_fn(loss), cfg, replicated
+        )
     evaluate = step_lib.jit_eval_step(forward, heads)
     writer = ProbeWriter(workdir)
     total = int(cfg.train.steps) * len(task.evaluations)
@@ -114,7 +124,14 @@ def run_probe(
     try:
         for k, evaluation in enumerate(task.evaluations):
             run = _Run(cfg, task, evaluation, heads, members, mesh, batch_sharding, replicated, writer, bar)
-            state = run.train(train, evaluate, tx, encoder_params, offset=k * int(cfg.train.steps))
+            loader = (
+                run.cached_loader(enc_cfg, forward, encoder_params, workdir, say)
+                if cfg.cache.enabled
+                else None
+            )
+            state = run.train(
+                train, evaluate, tx, encoder_params, offset=k * int(cfg.train.steps), loader=loader
+            )
             test = run.evaluate(evaluate, state.params, encoder_params, evaluation.test)
             save_params(workdir, evaluation.name, state.params, replicated)
             _collect(results, gates, names, members, evaluation.name, test, run.best, state)
@@ -230,14 +247,33 @@ class _Run:
         except ValueError as e:
             raise ProbeConfigError(f"{subset.describe()}: {e}") from None
 
-    def train(self, train_step, eval_step, tx, encoder_params, offset: int):
+    def cached_loader(self, enc_cfg, forward, encoder_params, workdir: Path, say: Say):
+        """Build the feature cache of this evaluation's training clips (size printed first); its batches."""
+        subset = self.evaluation.train
+        tokens, grid = cache_lib.tokens_per_clip(self.frames, enc_cfg)
+        per_clip = cache_lib.bytes_per_clip(enc_cfg.depth, tokens, enc_cfg.dim)
+        folder = Path(self.cfg.cache.dir or workdir / "cache") / (self.evaluation.name or "train")
+        place, total = cache_lib.plan(subset.num_clips, per_clip, self.cfg.cache.where, folder)
+        say(
+            f"feature cache: {subset.num_clips} clips × {enc_cfg.depth} layers × {tokens} tokens × "
+            f"{enc_cfg.dim} × 2 B = {total / 1e6:.1f} MB in {place}"
+            + ("" if place == "memory" else f" ({folder})")
+        )
+        cache = cache_lib.FeatureCache(
+            subset.num_clips, enc_cfg.depth, grid, enc_cfg.dim, self.task.num_classes, place, folder
+        )
+        cache_lib.build(cache, self._loader(subset, train=False), forward, encoder_params, say)
+        return cache_lib.CachedBatches(cache, int(self.cfg.train.batch_size), int(self.cfg.train.seed),
+                                       self.batch_sharding)  # fmt: skip
+
+    def train(self, train_step, eval_step, tx, encoder_params, offset: int, loader=None):
         cfg = self.cfg
         state = step_lib.init_state(self.heads, tx, self.members)
         state = jax.device_put(state, self.replicated)
         steps, log_every = int(cfg.train.steps), max(1, int(cfg.train.log_every))
         eval_every = int(cfg.train.eval_every) or steps
         prefix = f"{self.evaluation.name}/" if self.evaluation.name else ""
-        loader = self._loader(self.evaluation.train, train=True)
+        loader = loader or self._loader(self.evaluation.train, train=True)
         start = time.perf_counter()
         try:
             for i in range(1, steps + 1):

@@ -44,6 +44,11 @@ def get_config():
     c.train.sweep_lrs = ""  # e.g. "1e-3,3e-4": a sweep in the same jitted step
     c.train.sweep_seeds = ""  # e.g. "0,1,2"
 
+    c.cache = ml_collections.ConfigDict()
+    c.cache.enabled = False  # compute the training clips' per-layer tokens once (bf16), reuse every epoch
+    c.cache.where = "auto"  # memory when it fits in half the available memory, else disk; or memory / disk
+    c.cache.dir = ""  # the disk cache's folder (default WORKDIR/cache)
+
     c.data = ml_collections.ConfigDict()
     c.data.root = ""  # a `bat-jax prepare` folder; required
     c.data.eval_root = ""  # another prepared folder for the validation / test splits (same labels)
