@@ -28,6 +28,9 @@ config overrides, as ml_collections config flags (type-checked; an unknown field
   --config.train.eval_every=N      validate every N updates (with a validation split; 0: at the end)
   --config.train.sweep_lrs=1e-3,3e-4 / sweep_seeds=0,1   a sweep: every (lr, seed) pair trained in the same
                                    jitted step (one encoder forward per batch), reported per member
+  --config.per_layer_lp=True       also a linear probe on each layer's CLS token: per_layer_lp.json, drawn
+                                   beside the gates in gates.png
+  --config.cache.enabled=True      compute the training clips' tokens once (bf16; size printed first)
   --config.loss=auto               cross_entropy, bce, asymmetric (AudioSet), or auto (by the labels)
   --config.frames=N                spectrogram frames per clip (crop / zero-pad; a multiple of 16)
   --config.optim.peak_lr=1e-3 / weight_decay=0.05 / warmup_steps=N   AdamW; weight decay only on the

@@ -11,10 +11,12 @@ an injected hyper-parameter (``optax.inject_hyperparams``), set each step from t
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -34,6 +36,7 @@ FRAME_WISE = ("cgp_frame",)
 PROTOTYPE_PROBES = ("cgp", "cgp_patch_avg", "cgp_frame", "protobin")
 DEFAULT_DECAY_REGEX = r"(^|/)fc/kernel$"
 VQT = "vqt"  # the one probe that runs the encoder itself (query tokens prepended at every block)
+PER_LAYER = "per_layer_lp"  # option per_layer_lp: a linear probe on each layer's CLS token (Figure 4's view)
 NAMES = (*PROBE_NAMES, VQT)
 
 
@@ -111,7 +114,49 @@ def build(
         if name in PROTOTYPE_PROBES:
             kw["num_prototypes"] = int(cfg.probe.num_prototypes)
         heads[name] = make_probe(name, num_classes, num_layers, dim, **kw)
+    if cfg.get("per_layer_lp", False):
+        heads[PER_LAYER] = PerLayerLinearProbe(num_classes, num_layers, dim, float(cfg.probe.dropout_rate))
     return heads
+
+
+class PerLayerLinearProbe(nn.Module):
+    """L independent linear probes, one on each layer's CLS token (LayerNorm, dropout, linear, as `lp` on
+    the last layer): logits [L, B, C]. Trained beside the other probes; its figures per layer go to
+    per_layer_lp.json, the curve the layer gates are compared with (PAPER.md §4)."""
+
+    num_classes: int
+    num_layers: int
+    dim: int
+    dropout_rate: float = 0.2
+    norm_eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, cls: Array, patches: Array | None = None, *, deterministic: bool = True) -> Array:
+        del patches
+        x = jnp.asarray(cls, jnp.float32)  # [L, B, D]
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        scale = self.param("ln_scale", nn.initializers.ones, (self.num_layers, 1, self.dim))
+        bias = self.param("ln_bias", nn.initializers.zeros, (self.num_layers, 1, self.dim))
+        x = (x - mean) * jax.lax.rsqrt(var + self.norm_eps) * scale + bias
+        x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+        return _LayerwiseDense(self.num_classes, self.num_layers, self.dim, name="fc")(x)
+
+
+class _LayerwiseDense(nn.Module):
+    """x [L, B, D] → [L, B, C] with a kernel [L, D, C] (torch nn.Linear's init per layer)."""
+
+    features: int
+    num_layers: int
+    dim: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        bound = 1.0 / math.sqrt(self.dim)
+        uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
+        kernel = self.param("kernel", uniform, (self.num_layers, self.dim, self.features))
+        bias = self.param("bias", uniform, (self.num_layers, 1, self.features))
+        return jnp.einsum("lbd,ldc->lbc", x, kernel) + bias
 
 
 def regularizer(name: str, params: PyTree, lasso_weight: float) -> Array:

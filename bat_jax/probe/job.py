@@ -121,6 +121,7 @@ def run_probe(
     bar = Progress(0, total, enabled=progress)
     results: dict[str, Any] = {}
     gates: dict[str, Any] = {}
+    per_layer: dict[str, Any] = {}
     try:
         for k, evaluation in enumerate(task.evaluations):
             run = _Run(cfg, task, evaluation, heads, members, mesh, batch_sharding, replicated, writer, bar)
@@ -135,6 +136,8 @@ def run_probe(
             test = run.evaluate(evaluate, state.params, encoder_params, evaluation.test)
             save_params(workdir, evaluation.name, state.params, replicated)
             _collect(results, gates, names, members, evaluation.name, test, run.best, state)
+            if heads_lib.PER_LAYER in test:
+                per_layer[evaluation.name] = test[heads_lib.PER_LAYER]
             bar.write(f"{_label(evaluation)} test: {_summary(test, names, members)}")
             say(f"jit cache sizes: train {train._cache_size()}, eval {evaluate._cache_size()}")
     finally:
@@ -144,6 +147,8 @@ def run_probe(
         results = aggregate_folds(results)
     write_json(workdir / "metrics.json", results)
     write_json(workdir / "gates.json", gates)
+    if per_layer:
+        write_json(workdir / "per_layer_lp.json", _per_layer_json(per_layer, members, task.multilabel))
     _plot(workdir, gates)
     say(f"wrote {workdir}/metrics.json, gates.json, params/ (TensorBoard: tensorboard --logdir {workdir}/tb)")
     return results
@@ -207,6 +212,26 @@ def _collect(results, gates, names, members, fold, test, best, state) -> None:
                     gates.setdefault(key, {})[fold] = weights
                 else:
                     gates[key] = weights
+
+
+def _per_layer_json(per_layer: dict, members, multilabel: bool) -> dict[str, Any]:
+    """{"metric", "values": [v_1..v_L]} (mean over folds; the first sweep member), with "folds" and
+    "members" where there are several."""
+    metric = "map" if multilabel else "accuracy"
+
+    def values(fold_results, m):
+        return [r[metric] for r in fold_results[m]]
+
+    folds = {fold: values(r, 0) for fold, r in per_layer.items()}
+    out: dict[str, Any] = {"metric": metric, "values": [float(v) for v in np.mean(list(folds.values()), 0)]}
+    if len(folds) > 1:
+        out["folds"] = folds
+    if len(members) > 1:
+        out["members"] = {
+            mb["label"]: [float(v) for v in np.mean([values(r, m) for r in per_layer.values()], 0)]
+            for m, mb in enumerate(members)
+        }
+    return out
 
 
 def _plot(workdir: Path, gates: dict) -> None:
@@ -299,6 +324,8 @@ class _Run:
         metrics = self.evaluate(eval_step, params, encoder_params, self.evaluation.validation)
         scalars = {}
         for name in self.heads:
+            if name == heads_lib.PER_LAYER:
+                continue
             for m, member in enumerate(self.members):
                 r = metrics[name][m]
                 key = heads_lib.member_key(name, member["label"])
@@ -323,12 +350,14 @@ class _Run:
             valid.append(_gather(batch["valid"]))
         y, keep = np.concatenate(targets), np.concatenate(valid)
         results = {}
+        score = lambda z: classification_metrics(z, y, multilabel=self.task.multilabel, mask=keep)  # noqa: E731
         for name in self.heads:
-            all_logits = np.concatenate(logits[name], axis=1)  # [S, N, C]
-            results[name] = [
-                classification_metrics(all_logits[m], y, multilabel=self.task.multilabel, mask=keep)
-                for m in range(len(self.members))
-            ]
+            if name == heads_lib.PER_LAYER:  # [S, L, N, C]: per member, a list over layers
+                all_logits = np.concatenate(logits[name], axis=2)
+                results[name] = [[score(z) for z in member] for member in all_logits]
+            else:
+                all_logits = np.concatenate(logits[name], axis=1)  # [S, N, C]
+                results[name] = [score(all_logits[m]) for m in range(len(self.members))]
         return results
 
 

@@ -49,8 +49,14 @@ def init_params_of(heads: Mapping[str, nn.Module], key: Array) -> dict[str, PyTr
     """Fresh plain (unboxed) params {name: tree} of the probes, probe i from fold_in(key, i)."""
     out = {}
     for i, (name, head) in enumerate(heads.items()):
-        init = init_vqt_params if isinstance(head, VQTProbe) else init_params
-        out[name] = nn.unbox(init(head, jax.random.fold_in(key, i)))
+        rng = jax.random.fold_in(key, i)
+        if isinstance(head, VQTProbe):
+            out[name] = nn.unbox(init_vqt_params(head, rng))
+        elif isinstance(head, heads_lib.PerLayerLinearProbe):
+            cls = jnp.zeros((head.num_layers, 1, head.dim), jnp.float32)
+            out[name] = jax.jit(head.init)(rng, cls)["params"]
+        else:
+            out[name] = nn.unbox(init_params(head, rng))
     return out
 
 
@@ -101,7 +107,10 @@ def _head_loss(
             logits = head_logits(
                 head, params[name], cls, patches, encoder_params, spec, deterministic=False, rng=rng
             )
-            per_example = loss(logits, targets)  # [B]
+            if logits.ndim == targets.ndim + 1:  # per-layer probes [L, B, C]: each layer's loss, summed
+                per_example = jnp.sum(loss(logits, jnp.broadcast_to(targets, logits.shape)), axis=0)
+            else:
+                per_example = loss(logits, targets)  # [B]
             value = jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
             parts[name] = value + heads_lib.regularizer(name, params[name], lasso_weight)
         return sum(parts.values()), parts

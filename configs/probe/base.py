@@ -13,6 +13,7 @@ def get_config():
     c.task = "base"
     c.frames = 1024  # spectrogram frames per clip: crop / zero-pad (no augmentation while probing)
     c.probes = "cgp"  # comma-separated: cgp, cgp_patch_avg, lcgp, h2t, lp, protobin, vqt
+    c.per_layer_lp = False  # also a linear probe on each layer's CLS token: per_layer_lp.json, gates.png
     c.loss = "auto"  # cross_entropy (single-label), bce (multi-label), asymmetric (AudioSet), auto
 
     c.encoder = ml_collections.ConfigDict()

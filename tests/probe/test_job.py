@@ -100,6 +100,7 @@ def test_kfold_reports_each_fold_and_mean_std(tmp_path, encoder):
     root = write_prepared(tmp_path / "cv", {"train": clips(36)}, folds={"train": folds})
     cfg = probe_config(encoder, root, probes="cgp")
     cfg.data.kfold = True
+    cfg.per_layer_lp = True
     results = run_probe(cfg, tmp_path / "run", say=lambda s: None)
     entry = results["cgp"]
     assert sorted(entry["folds"]) == ["1", "2", "3"]
@@ -110,6 +111,10 @@ def test_kfold_reports_each_fold_and_mean_std(tmp_path, encoder):
     gates = json.loads((tmp_path / "run" / "gates.json").read_text())
     assert sorted(gates["cgp"]) == ["1", "2", "3"]
     assert all((tmp_path / "run" / "params" / k).is_dir() for k in ("1", "2", "3"))
+    per_layer = json.loads((tmp_path / "run" / "per_layer_lp.json").read_text())
+    assert per_layer["metric"] == "accuracy" and sorted(per_layer["folds"]) == ["1", "2", "3"]
+    assert per_layer["values"] == pytest.approx(np.mean([per_layer["folds"][k] for k in "123"], axis=0))
+    assert len(per_layer["values"]) == 2  # one per encoder layer
 
 
 def test_vqt_trains_beside_the_other_probes(tmp_path, encoder, three_splits):

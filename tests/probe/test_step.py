@@ -61,7 +61,8 @@ def _train(cfg, names, batches, members=None):
 def _accuracy(heads, state, batch):
     logits = step_lib.jit_eval_step(stand_in, heads)(state.params, None, batch)
     y = np.argmax(np.asarray(batch["labels"]), -1)
-    return {name: float(np.mean(np.argmax(np.asarray(v[0]), -1) == y)) for name, v in logits.items()}
+    # per-layer probes give [S, L, B, C]: an accuracy per layer
+    return {name: np.mean(np.argmax(np.asarray(v[0]), -1) == y, axis=-1) for name, v in logits.items()}
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -69,6 +70,7 @@ def test_cgp_gate_finds_the_planted_layer_while_the_last_layer_probe_stays_at_ch
     rng = np.random.default_rng(k)
     means = rng.normal(size=(C, D)).astype(np.float32)
     cfg = _cfg(steps=200)
+    cfg.per_layer_lp = True
     heads, state, _ = _train(cfg, ("cgp", "lp"), (planted_batch(rng, k, 32, means) for _ in range(200)))
     test = planted_batch(np.random.default_rng(100 + k), k, 512, means)
     acc = _accuracy(heads, state, test)
@@ -77,6 +79,11 @@ def test_cgp_gate_finds_the_planted_layer_while_the_last_layer_probe_stays_at_ch
     assert gate[k] > 2.0 / L, gate  # well above uniform (1/L)
     assert acc["cgp"] >= 0.95, acc  # near-perfect
     assert acc["lp"] <= 1.0 / C + 0.1, acc  # the last layer carries no label: chance (1/C = 0.25)
+    # the per-layer linear probes: layer k near-perfect, every other layer at chance (the curve CGP's gate
+    # is compared with)
+    per_layer = acc["per_layer_lp"]
+    assert per_layer.shape == (L,) and per_layer[k] >= 0.95, per_layer
+    assert all(per_layer[j] <= 1.0 / C + 0.1 for j in range(L) if j != k), per_layer
 
 
 def test_weight_decay_only_on_linear_weights():
