@@ -1,5 +1,6 @@
-"""The embedded synthetic dataset (`bat-jax prepare --source synthetic`): 10 single-label sound classes,
-train and eval splits. Sized for a laptop CPU: 256-frame crops, float32, CGP and a linear probe.
+"""The embedded synthetic dataset (`bat-jax prepare --source synthetic`): single-label sound classes, train
+and eval splits. Sized for a laptop CPU: whole clips (1024 frames, the clips last 1-10 s), float32, CGP and
+a linear probe trained from the feature cache (the encoder runs once over the training clips).
 
     bat-jax probe --config configs/probe/synthetic.py --workdir runs/demo-probe \\
         --config.encoder.path=runs/demo --config.data.root=data/demo
@@ -13,7 +14,8 @@ from bat_jax.train.config import load
 def get_config():
     c = load(str(Path(__file__).with_name("base.py")))
     c.task = "synthetic"
-    c.frames = 256
+    c.frames = 1024
+    c.cache.enabled = True
     c.probes = "cgp,lp"
     c.encoder.dtype = "float32"
     c.data.root = "data/demo"

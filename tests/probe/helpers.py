@@ -85,6 +85,7 @@ def probe_config(encoder: Path, root: Path, **overrides):
     c.data.test_split = "test"
     c.data.multilabel = "auto"
     c.frames = 64
+    c.cache.enabled = False  # the tests of the cache turn it on
     c.probes = "cgp,lcgp,lp"
     c.probe.num_prototypes = 16
     c.train.steps = 6
