@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.ssl.ema_end = 0.99999  # ... to this ...
     c.ssl.ema_warmup_steps = 100_000  # ... over the first 100k updates, then constant
 
-    # AdamW + linear warm-up + cosine (bat_jax.train.step.make_optimizer arguments; total_steps = train.steps).
+    # AdamW + linear warm-up + cosine (bat_jax.train.step.make_optimizer's arguments; total = train.steps).
     c.optim = ml_collections.ConfigDict()
     c.optim.peak_lr = 5e-4
     c.optim.warmup_steps = 53_000  # configs/ssl.yaml of the reference; the paper text says 50k

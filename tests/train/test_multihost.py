@@ -1,8 +1,12 @@
 """Two JAX processes on the CPU (2 simulated devices each, gloo collectives, a local coordinator) running the
 real `bat-jax pretrain` on a 2x2 (data x fsdp) mesh: they agree on every loss, only process 0 writes the
 workdir's files, a resumed run equals the straight one, and SIGTERM to one process stops both after the same
-step. Each process is tests/train/multihost_worker.py (the command line plus a record of its own losses)."""
+step. Each process is tests/train/multihost_worker.py (the command line plus a record of its own losses). The
+runs use the tiny config cut to 1 encoder block, 1 decoder block and 2 views (`small_config`): every launch
+compiles (process 1 always: its persistent-cache keys differ from process 0's), and none of these properties
+depends on the model's size."""
 
+import functools
 import json
 import os
 import shutil
@@ -28,12 +32,35 @@ WORKER = str(Path(__file__).with_name("multihost_worker.py"))
 PROCESSES = 2
 TIMEOUT = 400  # seconds for one launch of both processes (2 busy cores)
 
+# configs/pretrain/tiny.py made smaller: the same job, ~20% less CPU time per launch.
+SMALL = """\
+from bat_jax.train.config import load
+
+
+def get_config():
+    c = load({tiny!r})
+    c.encoder.overrides.depth = 1
+    c.ssl.decoder_depth = 1
+    c.ssl.num_views = 2
+    return c
+"""
+
+
+@pytest.fixture(scope="module")
+def small_config(tmp_path_factory) -> str:
+    """A config file: the tiny config with 1 encoder block, 1 decoder block and 2 views."""
+    path = tmp_path_factory.mktemp("config") / "small.py"
+    path.write_text(SMALL.format(tiny=TINY))
+    return str(path)
+
 
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory):
-    """One JAX persistent compilation cache for every launch of the module: a relaunch (the resume) skips the
-    compiles (jax writes it from process 0 and every process reads it)."""
-    return tmp_path_factory.mktemp("jax_cache")
+    """The JAX persistent compilation cache of every launch: the test session's (tests/conftest.py), else one
+    for the module. jax writes it from process 0 only, and process 1's keys differ: a relaunch (the resume)
+    skips process 0's compiles, process 1 compiles again."""
+    session = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    return Path(session) if session else tmp_path_factory.mktemp("jax_cache")
 
 
 def _free_port() -> int:
@@ -42,10 +69,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _argv(root, workdir, port: int, process: int, **train) -> list[str]:
+def _argv(config: str, root, workdir, port: int, process: int, **train) -> list[str]:
     base = {"steps": 4, "log_every": 2, "checkpoint_every": 2, "keep": 5, "keep_every": 0, **train}
     return [
-        sys.executable, WORKER, "pretrain", "--config", TINY, "--workdir", str(workdir), "--no-progress",
+        sys.executable, WORKER, "pretrain", "--config", config, "--workdir", str(workdir), "--no-progress",
         "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", str(PROCESSES),
         "--process-id", str(process),
         f"--config.data.root={root}", "--config.frames=64", "--config.optim.warmup_steps=2",
@@ -55,7 +82,7 @@ def _argv(root, workdir, port: int, process: int, **train) -> list[str]:
     ]  # fmt: skip
 
 
-def _start(root, workdir: Path, cache: Path, **train) -> list[subprocess.Popen]:
+def _start(config: str, root, workdir: Path, cache: Path, **train) -> list[subprocess.Popen]:
     """Both processes of one run; each records its logged losses under WORKDIR.losses/."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # not with jax_num_cpu_devices (PITFALLS)
     env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2", BAT_JAX_TEST_LOSSES=f"{workdir}.losses")
@@ -63,7 +90,7 @@ def _start(root, workdir: Path, cache: Path, **train) -> list[subprocess.Popen]:
     port = _free_port()
     return [
         subprocess.Popen(
-            _argv(root, workdir, port, i, **train),
+            _argv(config, root, workdir, port, i, **train),
             env=env,
             cwd=REPO,
             text=True,
@@ -90,8 +117,8 @@ def _finish(procs: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
     return results
 
 
-def _run(root, workdir: Path, cache: Path, **train) -> list[tuple[int, str, str]]:
-    results = _finish(_start(root, workdir, cache, **train))
+def _run(config: str, root, workdir: Path, cache: Path, **train) -> list[tuple[int, str, str]]:
+    results = _finish(_start(config, root, workdir, cache, **train))
     for i, (rc, _, err) in enumerate(results):
         assert rc == 0, f"process {i} exited {rc}:\n{err[-3000:]}"
     return results
@@ -124,11 +151,13 @@ def _assert_trees_equal(a, b):
 
 
 @pytest.mark.slow
-def test_two_processes_agree_save_and_resume_as_the_straight_run(data_root, compile_cache, tmp_path):
+def test_two_processes_agree_save_and_resume_as_the_straight_run(
+    small_config, data_root, compile_cache, tmp_path
+):
     """4 steps straight (checkpoints 2 and 4); then the checkpoint of step 4 lost and the same command again:
     it resumes from step 2 and ends bitwise where the straight run did."""
     workdir = tmp_path / "run"
-    (_, out0, err0), (_, out1, err1) = _run(data_root, workdir, compile_cache)
+    (_, out0, err0), (_, out1, err1) = _run(small_config, data_root, workdir, compile_cache)
     assert _ours(out0)[0].startswith("bat-jax pretrain: mesh {'data': 2, 'fsdp': 2}, 4 cpu devices"), out0
     assert _ours(out0)[-1] == f"done: 4 steps; checkpoint {workdir}/checkpoints/4", out0
     assert _ours(out1) == [] and _ours(err1) == [], (out1, err1)  # process 1 stays quiet
@@ -145,7 +174,7 @@ def test_two_processes_agree_save_and_resume_as_the_straight_run(data_root, comp
 
     shutil.rmtree(workdir / "checkpoints" / "4")
     shutil.rmtree(f"{workdir}.losses")
-    (_, out0, _), (_, out1, _) = _run(data_root, workdir, compile_cache)
+    (_, out0, _), (_, out1, _) = _run(small_config, data_root, workdir, compile_cache)
     assert f"resuming from {workdir}/checkpoints/2 (step 2)" in _ours(out0), out0
     assert _ours(out1) == [], out1
     assert _losses(workdir, 0) == _losses(workdir, 1) == straight[1:]
@@ -172,13 +201,16 @@ def _saved(workdir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_after_the_same_step(data_root, compile_cache, tmp_path):
+def test_sigterm_to_one_process_stops_both_after_the_same_step(
+    small_config, data_root, compile_cache, tmp_path
+):
     """SIGTERM to process 1 only: both take the stop after the same step, save it together and exit 0. The
     same command again resumes from it, and SIGTERM to process 0 alone stops both again."""
     workdir = tmp_path / "term"
     train = {"steps": 100_000, "log_every": 1, "checkpoint_every": 100_000}  # each step logs, no saves
     losses = Path(f"{workdir}.losses") / "process_0.jsonl"
-    results = _terminate_one(_start(data_root, workdir, compile_cache, **train), 1, losses, after=1)
+    launch = functools.partial(_start, small_config, data_root, workdir, compile_cache, **train)
+    results = _terminate_one(launch(), 1, losses, after=1)
     assert len(_saved(workdir)) == 1 and _saved(workdir)[0] >= 2, _saved(workdir)
     step = _saved(workdir)[0]
     expected = f"bat-jax pretrain: SIGTERM: saved step {step} to {workdir}/checkpoints/{step}; run the same"
@@ -188,7 +220,7 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(data_root, compil
     assert _losses(workdir, 0) == _losses(workdir, 1) and len(_losses(workdir, 1)) == step
     assert int(_state(workdir, step)["step"]) == step
 
-    results = _terminate_one(_start(data_root, workdir, compile_cache, **train), 0, losses, after=step + 1)
+    results = _terminate_one(launch(), 0, losses, after=step + 1)
     assert f"resuming from {workdir}/checkpoints/{step} (step {step})" in _ours(results[0][1]), results[0]
     again = _saved(workdir)[-1]
     assert _saved(workdir) == [step, again] and again > step

@@ -303,6 +303,13 @@ def test_restore_4x2_then_8x1_then_one_device_continues_the_straight_run(straigh
     rc, lines = run(config(data_root, checkpoint_every=1), workdir)
     assert rc == 0 and any("mesh {'data': 8, 'fsdp': 1}" in line for line in lines), lines
     assert f"resuming from {workdir}/checkpoints/2 (step 2)" in lines, lines
+    # The checks of the former test_pretrain.py::test_resume_onto_another_mesh (the same two runs: 4x2, then
+    # resumed from step 2 on 8x1): the last and first losses are the straight run's.
+    assert any("(step 2)" in line for line in lines if line.startswith("resuming from")), lines
+    straight_losses = [r["loss"] for r in read_metrics(straight_run[0])]
+    resumed = [r["loss"] for r in read_metrics(workdir)]  # steps 2, 4 (4x2), then 4 again (8x1)
+    np.testing.assert_allclose(resumed[-1], straight_losses[-1], rtol=1e-4)
+    np.testing.assert_allclose(resumed[0], straight_losses[0], rtol=1e-4)
     (workdir / "checkpoints" / "4").rename(tmp_path / "8x1_4")
     argv = [sys.executable, "-m", "bat_jax.cli"]
     argv += _pretrain_args(workdir, data_root, "--no-progress", checkpoint_every=1)
@@ -316,7 +323,7 @@ def test_restore_4x2_then_8x1_then_one_device_continues_the_straight_run(straigh
     for row in rows:
         np.testing.assert_allclose(row["loss"], straight[row["step"]], rtol=1e-4)
     assert int(saved_state(workdir, 4)["step"]) == 4  # (parameters: Adam turns float noise in near-zero
-    # gradients into lr-sized steps, so only the losses are compared, as in test_resume_onto_another_mesh)
+    # gradients into lr-sized steps, so only the losses are compared)
 
 
 # ---------------------------------------------------------------------------------------------------------
