@@ -7,7 +7,8 @@ background noise at a random SNR, in clips whose duration is drawn per clip.
 
 Every clip depends only on (config, index): workers can generate any clip independently and in any order.
 A single-label clip holds one event; its class is balanced over each block of `len(CLASS_NAMES)`
-consecutive indices. A multi-label clip mixes 1..max_events events of distinct classes.
+consecutive indices. A multi-label clip mixes 1..max_events events of distinct classes. `make_clip_events`
+also returns each event's onset, offset and class (the truth of sound event detection).
 """
 
 from __future__ import annotations
@@ -122,6 +123,16 @@ def clip_id(index: int, config: SyntheticConfig) -> str:
 
 def make_clip(index: int, config: SyntheticConfig) -> tuple[np.ndarray, tuple[int, ...]]:
     """float32 [samples] mono waveform in [-1, 1] and its sorted class indices, for clip `index`."""
+    wave, labels, _ = make_clip_events(index, config)
+    return wave, labels
+
+
+def make_clip_events(
+    index: int, config: SyntheticConfig
+) -> tuple[np.ndarray, tuple[int, ...], tuple[tuple[float, float, int], ...]]:
+    """`make_clip(index, config)` and the clip's true sound events: (onset s, offset s, class) of every event,
+    sorted, in seconds from the clip's start (onset, onset + length samples / sample_rate; the event's fades
+    lie inside it). Seconds do not change when the clip is resampled."""
     if index < 0:
         raise ValueError(f"make_clip (bat_jax/audio/synthetic.py): expected index >= 0, found {index}")
     sr = config.sample_rate
@@ -129,6 +140,7 @@ def make_clip(index: int, config: SyntheticConfig) -> tuple[np.ndarray, tuple[in
     n = _clip_samples(rng, config)
     classes = _clip_classes(rng, index, config)
     wave = _coloured_noise(rng, n, sr, _uniform(rng, config.background_exponent))  # [n] background, RMS 1
+    events = []
     for c in classes:
         max_len = max(1, min(n, round(config.event_seconds[1] * sr)))
         min_len = min(max_len, max(1, round(config.event_seconds[0] * sr)))
@@ -138,9 +150,10 @@ def make_clip(index: int, config: SyntheticConfig) -> tuple[np.ndarray, tuple[in
         event = _unit_rms(event) * _ramp_envelope(rng, length, sr, config.ramp_seconds)
         gain = 10.0 ** (_uniform(rng, config.snr_db) / 20.0)  # background RMS is 1
         wave[onset : onset + length] += gain * event
+        events.append((onset / sr, (onset + length) / sr, int(c)))
     peak = 10.0 ** (_uniform(rng, config.peak_db) / 20.0)
     wave = wave * (peak / max(np.max(np.abs(wave)), 1e-12))
-    return wave.astype(np.float32), tuple(sorted(int(c) for c in classes))
+    return wave.astype(np.float32), tuple(sorted(int(c) for c in classes)), tuple(sorted(events))
 
 
 def iter_clips(

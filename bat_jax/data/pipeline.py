@@ -17,7 +17,9 @@ Pretraining, `make_pretrain_loader` (a `PretrainLoader`):
     batch = {"spec": [B, target_frames, F] float32 (or the `dtype` asked for),
              "num_frames": int32 [B]  min(num_frames, target_frames),
              "clip_index": int32 [B]  global record index in the concatenated shards,
-             "labels": float32 [B, num_classes] multi-hot, only when `num_classes` is given}
+             "labels": float32 [B, num_classes] multi-hot, only when `num_classes` is given,
+             "frame_labels": float32 [B, target_frames // patch_frames, num_classes], only with
+                             `frame_labels` (below)}
 
   B is the global batch; each process supplies `global_batch_size // process_count` rows. The loader fails
   early, with a sentence, before any worker starts, when the batch does not divide over the processes or
@@ -51,6 +53,14 @@ Pretraining, `make_pretrain_loader` (a `PretrainLoader`):
 Probe training: the same loader with `roll=False` (probing has no augmentation: every clip's first
 `target_frames` frames, zero-padded) and `num_classes` for the multi-hot labels. Both loaders take `indices`
 (global record indices of the split's shards) to read only a hold-out or cross-validation subset of it.
+
+Frame-wise targets (sound event detection probes): both loaders take `frame_labels=(patch_frames,
+hop_seconds)` (the training loader only with `roll=False`; both need `num_classes`), and every batch then
+carries "frame_labels": float32 [B, target_frames // patch_frames, num_classes], row t of a clip = the
+classes of its events active at the centre of time patch t (`bat_jax.data.events.frame_targets`; hop_seconds
+from the folder's manifest: `bat_jax.data.hop_seconds`). Placed and sharded like "labels"; padding rows of
+the evaluation loader are all zero. The records must carry events (`bat-jax prepare --events-csv` or
+`--synthetic-events`): a record without them raises `ShardError` naming its shard and record.
 
 Evaluation, `make_eval_loader` (an `EvalLoader`): every clip exactly once over all processes, in record
 order. Process p reads a contiguous slice of the records, no roll, crop / zero-pad to `target_frames`,
@@ -98,7 +108,14 @@ from bat_jax.data.shard_reader import (  # noqa: F401
     record_labels,
     shard_paths,
 )
-from bat_jax.data.transforms import CropPad, RollCropPad, clip_example, multi_hot, roll_crop_pad  # noqa: F401
+from bat_jax.data.transforms import (  # noqa: F401
+    CropPad,
+    RollCropPad,
+    clip_example,
+    frame_targets,
+    multi_hot,
+    roll_crop_pad,
+)
 
 # Batches the pretraining loader reads and places ahead, in a thread, while the step runs (0: in next()).
 PREFETCH_BATCHES = 1
@@ -106,6 +123,36 @@ PREFETCH_BATCHES = 1
 # Default of the encoder's time patch: BAT's patches are 16 frames × 16 mel bins. data/ does not import
 # models/: bat_jax.train.config.loader_kwargs passes the config's encoder's patch_size[0] instead.
 FRAMES_MULTIPLE = 16
+
+
+def check_frame_labels(
+    frame_labels: Any, num_classes: int | None, target_frames: int, where: str
+) -> tuple[int, float] | None:
+    """`frame_labels` = (patch_frames, hop_seconds) checked against the loader's other arguments, or None."""
+    if frame_labels is None:
+        return None
+    try:
+        patch_frames, hop = frame_labels
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{where}: expected frame_labels (patch_frames, hop_seconds), found {frame_labels!r}"
+        ) from None
+    if isinstance(patch_frames, bool) or not isinstance(patch_frames, (int, np.integer)) or patch_frames <= 0:
+        raise ValueError(
+            f"{where}: expected frame_labels' patch_frames a positive integer, found {patch_frames!r}"
+        )
+    if isinstance(hop, bool) or not isinstance(hop, (int, float, np.floating)) or not (0 < hop < math.inf):
+        raise ValueError(f"{where}: expected frame_labels' hop_seconds a positive number, found {hop!r}")
+    if target_frames % patch_frames:
+        raise ValueError(
+            f"{where}: expected target_frames a multiple of frame_labels' patch_frames {patch_frames}, found "
+            f"{target_frames}"
+        )
+    if num_classes is None:
+        raise ValueError(
+            f"{where}: frame_labels need num_classes (targets [patches, num_classes]), found num_classes=None"
+        )
+    return int(patch_frames), float(hop)
 
 
 def shuffle_seed(seed: int, process_index: int) -> int:
@@ -135,8 +182,14 @@ class PretrainLoader:
         prefetch: int = PREFETCH_BATCHES,
         roll: bool = True,
         indices: Sequence[int] | None = None,
+        frame_labels: tuple[int, float] | None = None,
     ):
         where = "pretraining pipeline" if roll else "probe training pipeline"
+        if roll and frame_labels is not None:
+            raise ValueError(
+                f"{where}: frame_labels need roll=False (a rolled clip's events would move), found roll=True "
+                f"and frame_labels={frame_labels!r}"
+            )
         if isinstance(prefetch, bool) or not isinstance(prefetch, (int, np.integer)) or prefetch < 0:
             raise ValueError(
                 f"{where}: expected prefetch an integer >= 0 (batches placed ahead), found {prefetch!r}"
@@ -148,7 +201,8 @@ class PretrainLoader:
         )  # fmt: skip
         if not 0 <= seed < 2**32:
             raise ValueError(f"{where}: expected a seed in [0, 2**32), found {seed}")
-        source = open_source(paths, indices)
+        frame_labels = check_frame_labels(frame_labels, num_classes, target_frames, where)
+        source = open_source(paths, indices, require_events=frame_labels is not None)
         self.num_records = len(source)
         self.records_per_process = self.num_records // self.process_count
         if self.local_batch_size > self.records_per_process:
@@ -168,7 +222,9 @@ class PretrainLoader:
             grain.MapDataset.source(source)[start : start + self.records_per_process]
             .shuffle(seed=shuffle_seed(seed, self.process_index))
             .repeat()
-            .map_with_index(RollCropPad(target_frames, seed, self.records_per_process, num_classes, roll))
+            .map_with_index(
+                RollCropPad(target_frames, seed, self.records_per_process, num_classes, roll, frame_labels)
+            )
             .batch(self.local_batch_size, drop_remainder=True)
             .to_iter_dataset(read_options(read_threads, self.local_batch_size))
         )
@@ -249,6 +305,7 @@ class EvalLoader:
         read_threads: int = 0,
         dtype: Any = np.float32,
         indices: Sequence[int] | None = None,
+        frame_labels: tuple[int, float] | None = None,
     ):
         where = "evaluation pipeline"
         paths = check_paths(paths, where)
@@ -257,9 +314,10 @@ class EvalLoader:
             process_index, process_count,
         )  # fmt: skip
         self.num_classes = num_classes
+        self.frame_labels = check_frame_labels(frame_labels, num_classes, target_frames, where)
         self.worker_count = worker_count
         self.read_threads = read_threads
-        self._source = open_source(paths, indices)
+        self._source = open_source(paths, indices, require_events=self.frame_labels is not None)
         self.num_records = len(self._source)
         # Contiguous slices; sizes differ by at most one record, the largest sets the number of batches.
         self.start = self.num_records * self.process_index // self.process_count
@@ -273,6 +331,9 @@ class EvalLoader:
         }
         if num_classes is not None:
             self._template["labels"] = ((num_classes,), np.float32)
+        if self.frame_labels is not None:
+            patches = target_frames // self.frame_labels[0]
+            self._template["frame_labels"] = ((patches, num_classes), np.float32)  # padding rows: all zero
 
     def __len__(self) -> int:
         return self.num_batches
@@ -280,7 +341,7 @@ class EvalLoader:
     def _batches(self) -> grain.IterDataset:
         ds = (
             grain.MapDataset.source(self._source)[self.start : self.end]
-            .map(CropPad(self.target_frames, self.num_classes))
+            .map(CropPad(self.target_frames, self.num_classes, self.frame_labels))
             .batch(self.local_batch_size, drop_remainder=False)
             .to_iter_dataset(read_options(self.read_threads, self.local_batch_size))
         )

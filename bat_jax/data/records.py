@@ -7,6 +7,12 @@ A record holds
     labels      list[int]                  class indices into the manifest's label vocabulary (multi-label)
     fold        int | str, optional        the clip's cross-validation fold (`bat-jax prepare --fold-column`);
                                            absent from records written without one
+    events      list[[onset, offset, class]], optional
+                                           the clip's sound events (`bat-jax prepare --events-csv` or
+                                           `--synthetic-events`): seconds from the clip's start, 0 <= onset <
+                                           offset, class an index into the label vocabulary; [] for an
+                                           annotated clip without events; absent from records without
+                                           annotations
 
 The spectrogram is called `spec` everywhere: in a record, in a `Clip`, in `decode`'s dict and in a loader's
 batch. Version 1 records (bat-jax before issue 6) stored it under the key "features"; `decode` still reads
@@ -14,10 +20,16 @@ them, `encode` writes version 2. `fold` is an optional key of version 2 (added w
 bump): `encode` writes it only for a clip that has a fold, so other records stay byte-identical, and `decode`
 returns it only when the record holds one (readers older than it ignore the key). Loaders that need every
 clip's fold without decoding records read it from the manifest: `splits.<split>.folds.by_record`.
+`events` is optional the same way (added with the frame-wise targets of sound-event detection, no version
+bump): written only for a clip that has event annotations (an empty list: annotated, no event), so records
+without them stay byte-identical; `decode` returns them, only when the record holds them, as `event_times`
+float32 [k, 2] (onset, offset in seconds) and `event_classes` int32 [k].
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import msgpack
@@ -36,6 +48,7 @@ class Clip:
     clip_id: str
     labels: tuple[int, ...] = field(default_factory=tuple)
     fold: int | str | None = None
+    events: tuple[tuple[float, float, int], ...] | None = None  # (onset s, offset s, class) or None
 
 
 def _check_fold(fold, where: str):
@@ -44,6 +57,36 @@ def _check_fold(fold, where: str):
     raise ValueError(
         f"{where}: expected a fold that is an int or a str, found {type(fold).__name__} {fold!r}"
     )
+
+
+def _check_events(events, where: str) -> list[list] | None:
+    """Events as (onset, offset, class) triples -> [[onset float, offset float, class int], ...], or None.
+
+    Raises ValueError, naming `where`, unless 0 <= onset < offset (finite seconds), class an int >= 0."""
+    if events is None:
+        return None
+    if isinstance(events, str | bytes | dict) or not hasattr(events, "__iter__"):
+        raise ValueError(
+            f"{where}: expected events as a sequence of (onset, offset, class), found {type(events).__name__}"
+        )
+    out = []
+    for i, event in enumerate(events):
+        try:
+            onset, offset, cls = event
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{where}: event {i}: expected (onset, offset, class), found {event!r}"
+            ) from None
+        real = all(isinstance(t, numbers.Real) and not isinstance(t, bool) for t in (onset, offset))
+        if not (real and math.isfinite(onset) and math.isfinite(offset) and 0 <= onset < offset):
+            raise ValueError(
+                f"{where}: event {i}: expected seconds with 0 <= onset < offset, found onset {onset!r} and "
+                f"offset {offset!r}"
+            )
+        if not isinstance(cls, numbers.Integral) or isinstance(cls, bool) or cls < 0:
+            raise ValueError(f"{where}: event {i}: expected a class index that is an int >= 0, found {cls!r}")
+        out.append([float(onset), float(offset), int(cls)])
+    return out
 
 
 def encode(clip: Clip) -> bytes:
@@ -55,6 +98,7 @@ def encode(clip: Clip) -> bytes:
             f"clip {clip.clip_id!r}: num_frames must be in [1, {spec.shape[0]}], found {clip.num_frames}"
         )
     fold = _check_fold(clip.fold, f"clip {clip.clip_id!r}")
+    events = _check_events(clip.events, f"clip {clip.clip_id!r}")
     record = {
         "v": FORMAT_VERSION,
         "spec": spec.tobytes(),
@@ -65,12 +109,15 @@ def encode(clip: Clip) -> bytes:
     }
     if fold is not None:
         record["fold"] = fold
+    if events is not None:
+        record["events"] = events
     return msgpack.packb(record, use_bin_type=True)
 
 
 def decode(record: bytes) -> dict:
-    """bytes -> dict: spec float16 [frames, n_mels], num_frames int32, clip_id str, labels int32 [k], and
-    fold (int or str) only when the record has one.
+    """bytes -> dict: spec float16 [frames, n_mels], num_frames int32, clip_id str, labels int32 [k],
+    fold (int or str) only when the record has one, and event_times float32 [e, 2] (onset, offset seconds)
+    with event_classes int32 [e] only when the record has events.
 
     Reads versions 1 and 2. Raises ValueError, saying what was expected and found, on bytes that are not a
     record (not msgpack, not a map, a missing key, a spectrogram whose size does not match its shape)."""
@@ -117,4 +164,8 @@ def decode(record: bytes) -> dict:
     }
     if d.get("fold") is not None:
         out["fold"] = _check_fold(d["fold"], f"shard record {d['clip_id']!r}")
+    if d.get("events") is not None:
+        events = _check_events(d["events"], f"shard record {d['clip_id']!r}")
+        out["event_times"] = np.asarray([e[:2] for e in events], np.float32).reshape(-1, 2)  # [e, 2]
+        out["event_classes"] = np.asarray([e[2] for e in events], np.int32)  # [e]
     return out

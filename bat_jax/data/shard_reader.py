@@ -78,10 +78,12 @@ class ShardSource(grain.sources.RandomAccessDataSource):
     """ArrayRecord shards, concatenated in order, as a source of (global record index, decoded record).
 
     Every read or decode failure raises `ShardError` naming the shard file, the record's index in that
-    shard and its global index; records whose n_mels differ from record 0's are refused too."""
+    shard and its global index; records whose n_mels differ from record 0's are refused too, and with
+    `require_events` (frame-wise targets) records without event annotations."""
 
-    def __init__(self, paths: Sequence[str]):
+    def __init__(self, paths: Sequence[str], require_events: bool = False):
         self.paths = list(paths)
+        self.require_events = require_events
         with ThreadPoolExecutor(max(1, min(OPEN_THREADS, len(self.paths)))) as pool:
             self._shards = list(pool.map(self._open, self.paths))
         counts = [len(shard) for shard in self._shards]
@@ -131,6 +133,14 @@ class ShardSource(grain.sources.RandomAccessDataSource):
                 "has the wrong shape",
                 f"expected n_mels {self.num_mels} as record 0, found spec {list(clip['spec'].shape)}",
             )
+        if self.require_events and "event_times" not in clip:
+            path, local = self.locate(index)
+            raise ShardError(
+                f"shard {path}: record {local} of that shard (record {index} of the {len(self)} in "
+                f"{len(self.paths)} shards, clip {clip['clip_id']!r}) has no events: frame labels expected "
+                f"event annotations (bat-jax prepare --events-csv or --synthetic-events), found a record "
+                f"without them; prepare the folder again with one of them"
+            )
         return index, clip
 
     def _error(self, index: int, what: str, cause: Any) -> ShardError:
@@ -172,9 +182,12 @@ class SubsetSource(grain.sources.RandomAccessDataSource):
         return f"SubsetSource({len(self)} of {self.source!r})"
 
 
-def open_source(paths: Sequence[str], indices: Sequence[int] | None = None) -> ShardSource | SubsetSource:
-    """The shards `paths` as one source, or only their records at `indices` (global record indices)."""
-    source = ShardSource(paths)
+def open_source(
+    paths: Sequence[str], indices: Sequence[int] | None = None, require_events: bool = False
+) -> ShardSource | SubsetSource:
+    """The shards `paths` as one source, or only their records at `indices` (global record indices);
+    `require_events`: a record without event annotations raises ShardError."""
+    source = ShardSource(paths, require_events)
     return source if indices is None else SubsetSource(source, indices)
 
 

@@ -1,5 +1,6 @@
 """Per-clip functions of the loaders: roll / crop / pad a decoded record into an example, multi-hot labels,
-and the Grain transforms that apply them (see `bat_jax.data.pipeline` for what each loader does)."""
+frame-wise event targets (`bat_jax.data.events.frame_targets`), and the Grain transforms that apply them
+(see `bat_jax.data.pipeline` for what each loader does)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 
 import grain
 import numpy as np
+
+from bat_jax.data.events import frame_targets
 
 Example = dict[str, np.ndarray]
 
@@ -40,10 +43,14 @@ def clip_example(
     target_frames: int,
     num_classes: int | None = None,
     offset: int = 0,
+    frame_labels: tuple[int, float] | None = None,
 ) -> Example:
-    """(record index, decoded record) → {"spec": fp16 [T, F], "num_frames", "clip_index"[, "labels"]}.
+    """(record index, decoded record) → {"spec": fp16 [T, F], "num_frames", "clip_index"[, "labels"]
+    [, "frame_labels"]}.
 
-    The valid frames are rolled by `offset`, in [0, num_frames) (0: no roll)."""
+    The valid frames are rolled by `offset`, in [0, num_frames) (0: no roll). `frame_labels` = (patch_frames,
+    hop_seconds) adds "frame_labels" float32 [T // patch_frames, num_classes]: the record's events at each
+    time patch's centre (`frame_targets`; the record must hold events, and there must be no roll)."""
     index, clip = element
     n = int(clip["num_frames"])
     example = {
@@ -54,6 +61,22 @@ def clip_example(
     if num_classes is not None:
         where = f"clip {clip['clip_id']!r} (record {index})"
         example["labels"] = multi_hot(clip["labels"], num_classes, where)
+    if frame_labels is not None:
+        where = f"clip {clip['clip_id']!r} (record {index})"
+        if num_classes is None or offset:
+            raise ValueError(
+                f"{where}: frame_labels need num_classes and no roll, found num_classes {num_classes}, "
+                f"roll offset {offset}"
+            )
+        if "event_times" not in clip:
+            raise ValueError(
+                f"{where}: expected event annotations (bat-jax prepare --events-csv or --synthetic-events), "
+                f"found a record without them"
+            )
+        patch_frames, hop = frame_labels
+        times, classes = clip["event_times"], clip["event_classes"]  # [k, 2], [k]
+        patches = target_frames // patch_frames
+        example["frame_labels"] = frame_targets(times, classes, num_classes, patches, patch_frames, hop)
     return example
 
 
@@ -87,10 +110,11 @@ class RollCropPad(grain.transforms.MapWithIndex):
     records_per_epoch: int
     num_classes: int | None = None
     roll: bool = True  # False: probing (no augmentation), the first target_frames frames of every clip
+    frame_labels: tuple[int, float] | None = None  # (patch_frames, hop_seconds), with roll=False only
 
     def map_with_index(self, index: int, element: tuple[int, dict[str, Any]]) -> Example:
         if not self.roll:
-            return clip_example(element, self.target_frames, self.num_classes)
+            return clip_example(element, self.target_frames, self.num_classes, frame_labels=self.frame_labels)
         record, clip = element
         epoch = index // self.records_per_epoch
         offset = record_offset(self.seed, epoch, record, clip["num_frames"])
@@ -103,6 +127,7 @@ class CropPad(grain.transforms.Map):
 
     target_frames: int
     num_classes: int | None = None
+    frame_labels: tuple[int, float] | None = None  # (patch_frames, hop_seconds)
 
     def map(self, element: tuple[int, dict[str, Any]]) -> Example:
-        return clip_example(element, self.target_frames, self.num_classes)
+        return clip_example(element, self.target_frames, self.num_classes, frame_labels=self.frame_labels)

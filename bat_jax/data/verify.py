@@ -4,9 +4,10 @@ Checks, in order: manifest.json is present, readable and well-typed (an object w
 and clip are what `prepare` writes); every shard it lists exists, has the listed size and sha256 (bit rot, a
 bad copy, a truncated download); every shard opens as ArrayRecord with the listed number of records; every
 record decodes (bat_jax.data.records) to a spec [frames, n_mels] with the manifest's n_mels (and the fixed
-frame count of a --clip-seconds output), 1 <= num_frames <= frames and labels inside the vocabulary; and per
-split, the clip and frame counts of its records equal the manifest's. Each problem is one line naming the
-shard (and the record index); the exit status is 0 when all is well, 1 when anything is bad, 2 on bad usage.
+frame count of a --clip-seconds output), 1 <= num_frames <= frames, labels (and the event classes of records
+with events) inside the vocabulary; and per split, the clip and frame counts of its records equal the
+manifest's. Each problem is one line naming the shard (and the record index); the exit status is 0 when all
+is well, 1 when anything is bad, 2 on bad usage.
 """
 
 from __future__ import annotations
@@ -152,6 +153,9 @@ def _record_problem(clip: dict, expect: Expect) -> str | None:
     bad = [int(c) for c in clip["labels"] if not 0 <= c < expect.num_classes]
     if bad:
         return f"labels {bad} outside the vocabulary [0, {expect.num_classes})"
+    bad = [int(c) for c in clip.get("event_classes", ()) if not 0 <= c < expect.num_classes]
+    if bad:  # onset and offset: records.decode checks 0 <= onset < offset
+        return f"event classes {bad} outside the vocabulary [0, {expect.num_classes})"
     return None
 
 
@@ -316,7 +320,8 @@ checks:
   every shard     listed in the manifest exists, has the listed size and sha256, opens as ArrayRecord and
                   holds the listed number of records
   every record    decodes (bat_jax.data.records) to spec [frames, n_mels] with the manifest's n_mels (and its
-                  fixed frame count with --clip-seconds), 1 <= num_frames <= frames, labels in the vocabulary
+                  fixed frame count with --clip-seconds), 1 <= num_frames <= frames, labels (and event
+                  classes) in the vocabulary, event times 0 <= onset < offset
   every split     its records' clip and frame counts equal the manifest's
 
 Each problem is printed on one line naming the shard (and the record index), then a summary line.

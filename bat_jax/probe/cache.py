@@ -80,10 +80,12 @@ def _gb(n: int) -> str:
 
 
 class FeatureCache:
-    """cls [N, L, D] and patches [N, L, T', F', D] (bfloat16) and labels [N, C] of the training clips."""
+    """cls [N, L, D] and patches [N, L, T', F', D] (bfloat16) of the training clips, and their targets on the
+    host: labels [N, C], num_frames [N] and, with `frame_patches` (frame-wise probes), frame_labels
+    [N, frame_patches, C]."""
 
     def __init__(self, num_clips: int, num_layers: int, grid: tuple[int, int], dim: int, num_classes: int,
-                 place: str, folder: Path):  # fmt: skip
+                 place: str, folder: Path, frame_patches: int = 0):  # fmt: skip
         shapes = {"cls": (num_clips, num_layers, dim), "patches": (num_clips, num_layers, *grid, dim)}
         self.place, self.num_clips = place, num_clips
         self.arrays: dict[str, np.ndarray] = {}
@@ -93,18 +95,32 @@ class FeatureCache:
             else:  # raw bfloat16 bits in a .npy of uint16 (numpy's formats know no bfloat16)
                 path = folder / f"{name}.npy"
                 self.arrays[name] = np.lib.format.open_memmap(path, "w+", np.uint16, shape).view(BF16)
-        self.labels = np.zeros((num_clips, num_classes), np.float32)
+        self.targets = {
+            "labels": np.zeros((num_clips, num_classes), np.float32),
+            "num_frames": np.zeros((num_clips,), np.int32),
+        }
+        if frame_patches:
+            self.targets["frame_labels"] = np.zeros((num_clips, frame_patches, num_classes), np.float32)
 
-    def put(self, rows: np.ndarray, cls: np.ndarray, patches: np.ndarray, labels: np.ndarray) -> None:
+    @property
+    def labels(self) -> np.ndarray:
+        return self.targets["labels"]
+
+    def put(
+        self, rows: np.ndarray, cls: np.ndarray, patches: np.ndarray, targets: dict[str, np.ndarray]
+    ) -> None:
+        """Rows `rows` from the encoder's outputs (cls [L, B, D], patches [L, B, T', F', D]) and the batch's
+        targets (each [B, ...]: every key of `self.targets`)."""
         self.arrays["cls"][rows] = np.moveaxis(cls, 0, 1).astype(BF16)  # [L, B, D] -> [B, L, D]
         self.arrays["patches"][rows] = np.moveaxis(patches, 0, 1).astype(BF16)
-        self.labels[rows] = labels
+        for key, array in self.targets.items():
+            array[rows] = targets[key]
 
     def batch(self, rows: np.ndarray) -> dict[str, Any]:
         rows = np.sort(rows)  # a memmap reads sorted rows faster; order within a batch does not matter
         return {
             "spec": {"cls": self.arrays["cls"][rows], "patches": self.arrays["patches"][rows]},
-            "labels": self.labels[rows],
+            **{key: array[rows] for key, array in self.targets.items()},
         }
 
 
@@ -127,7 +143,8 @@ def build(cache: FeatureCache, loader, forward, encoder_params, say) -> float:
         valid = np.asarray(jax.device_get(batch["valid"]))
         n = int(valid.sum())
         keep = np.flatnonzero(valid)
-        cache.put(np.arange(row, row + n), cls[:, keep], patches[:, keep], np.asarray(batch["labels"])[keep])
+        targets = {key: np.asarray(jax.device_get(batch[key]))[keep] for key in cache.targets}
+        cache.put(np.arange(row, row + n), cls[:, keep], patches[:, keep], targets)
         row += n
     if row != cache.num_clips:
         raise RuntimeError(f"feature cache: expected {cache.num_clips} training clips, read {row}")

@@ -78,6 +78,20 @@ def loss_name(cfg: ml_collections.ConfigDict, multilabel: bool) -> str:
     return name
 
 
+def frame_loss_name(cfg: ml_collections.ConfigDict) -> str:
+    """The loss of the frame-wise probes (sound event detection: several events may overlap in a time
+    patch): the config's loss, "auto" → BCE; cross-entropy is refused."""
+    name = cfg.loss
+    if name == "auto":
+        return "bce"
+    if name not in ("bce", "asymmetric"):
+        raise ProbeConfigError(
+            f"loss: frame-wise probes ({', '.join(FRAME_WISE)}) score each time patch against every class "
+            f"(multi-label), so they need 'bce' or 'asymmetric' (or 'auto'), found {name!r}"
+        )
+    return name
+
+
 def loss_fn(name: str) -> Callable[[Array, Array], Array]:
     """(logits [..., C], multi-hot targets [..., C]) → per-example loss [...]."""
     if name == "cross_entropy":

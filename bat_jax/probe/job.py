@@ -28,7 +28,7 @@ from bat_jax.probe import heads as heads_lib
 from bat_jax.probe import step as step_lib
 from bat_jax.probe import tasks as tasks_lib
 from bat_jax.probe.heads import ProbeConfigError
-from bat_jax.probe.metrics import classification_metrics
+from bat_jax.probe.metrics import classification_metrics, frame_metrics
 from bat_jax.probe.outputs import ProbeWriter, aggregate_folds, check_workdir, save_params, write_json
 
 Say = Callable[[str], None]
@@ -36,12 +36,8 @@ Say = Callable[[str], None]
 
 def _check_config(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
     names = heads_lib.probe_names(cfg.probes)
-    unsupported = [n for n in names if n in heads_lib.FRAME_WISE]
-    if unsupported:
-        raise ProbeConfigError(
-            f"probes: {unsupported} need frame-wise targets (sound event detection), which `bat-jax prepare` "
-            "does not store yet; use the clip-level probes"
-        )
+    if any(n in heads_lib.FRAME_WISE for n in names):
+        heads_lib.frame_loss_name(cfg)
     heads_lib.check_optimizer(cfg)
     if cfg.get("cache", {}).get("enabled", False) and heads_lib.VQT in names:
         raise ProbeConfigError(
@@ -92,29 +88,36 @@ def run_probe(
     check_workdir(workdir, enc_cfg, overwrite)
     task = tasks_lib.resolve(cfg, enc_cfg)
     loss = heads_lib.loss_name(cfg, task.multilabel)
+    frame_loss = heads_lib.frame_loss_name(cfg) if task.frame_wise else None
     heads = heads_lib.build(names, cfg, task.num_classes, enc_cfg.depth, enc_cfg.dim, enc_cfg)
     members = heads_lib.members(cfg)
     mesh, batch_sharding, replicated = _mesh(int(cfg.train.batch_size))
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(
-        workdir / "config.json", {**cfg.to_dict(), "resolved": _resolved(task, enc_cfg, loss, members)}
+        workdir / "config.json",
+        {**cfg.to_dict(), "resolved": _resolved(task, enc_cfg, loss, members, frame_loss)},
     )
     say(
         f"probing {cfg.encoder.path} (depth {enc_cfg.depth}, dim {enc_cfg.dim}, {cfg.encoder.dtype}) with "
         f"{', '.join(names)}: {task.num_classes} classes, {'multi' if task.multilabel else 'single'}-label, "
-        f"loss {loss}, {task.protocol} ({len(task.evaluations)} evaluation(s)), {len(members)} sweep "
-        f"member(s), {mesh.devices.size} device(s)"
+        f"loss {loss}{_frame_note(frame_loss)}, {task.protocol} ({len(task.evaluations)} evaluation(s)), "
+        f"{len(members)} sweep member(s), {mesh.devices.size} device(s)"
     )
     encoder_params = jax.device_put(encoder.params, replicated)
     tx = heads_lib.optimizer(
         cfg, jax.eval_shape(lambda k: step_lib.init_params_of(heads, k), jax.random.key(0))
     )
     forward = step_lib.encoder_forward(enc_cfg)
-    train = step_lib.jit_train_step(forward, heads, tx, heads_lib.loss_fn(loss), cfg, replicated)
-    if cfg.cache.enabled:  # the same step on cached tokens: no encoder forward
-        train = step_lib.jit_train_step(
-            cache_lib.cached_forward, heads, tx, heads_lib.loss_fn(loss), cfg, replicated
-        )
+    losses = dict(
+        loss=heads_lib.loss_fn(loss),
+        cfg=cfg,
+        out_sharding=replicated,
+        frame_loss=heads_lib.loss_fn(frame_loss) if frame_loss else None,
+        patch_frames=enc_cfg.patch_size[0],
+    )
+    # with the cache, the same step on cached tokens: no encoder forward
+    train_forward = cache_lib.cached_forward if cfg.cache.enabled else forward
+    train = step_lib.jit_train_step(train_forward, heads, tx, **losses)
     evaluate = step_lib.jit_eval_step(forward, heads)
     writer = ProbeWriter(workdir)
     total = int(cfg.train.steps) * len(task.evaluations)
@@ -125,6 +128,7 @@ def run_probe(
     try:
         for k, evaluation in enumerate(task.evaluations):
             run = _Run(cfg, task, evaluation, heads, members, mesh, batch_sharding, replicated, writer, bar)
+            run.patch_frames = enc_cfg.patch_size[0]
             loader = (
                 run.cached_loader(enc_cfg, forward, encoder_params, workdir, say)
                 if cfg.cache.enabled
@@ -154,7 +158,7 @@ def run_probe(
     return results
 
 
-def _resolved(task, enc_cfg, loss, members) -> dict[str, Any]:
+def _resolved(task, enc_cfg, loss, members, frame_loss=None) -> dict[str, Any]:
     return {
         "num_layers": enc_cfg.depth,
         "dim": enc_cfg.dim,
@@ -165,7 +169,13 @@ def _resolved(task, enc_cfg, loss, members) -> dict[str, Any]:
         "protocol": task.protocol,
         "evaluations": [e.name for e in task.evaluations],
         "members": [m["label"] for m in members],
+        "frame_wise": task.frame_wise,
+        **({"frame_loss": frame_loss, "hop_seconds": task.hop_seconds} if frame_loss else {}),
     }
+
+
+def _frame_note(frame_loss: str | None) -> str:
+    return f" (frame-wise: {frame_loss})" if frame_loss else ""
 
 
 def _label(evaluation) -> str:
@@ -173,7 +183,8 @@ def _label(evaluation) -> str:
 
 
 def _primary(metrics: dict[str, Any]) -> float:
-    value = metrics["accuracy"] if metrics.get("accuracy") is not None else metrics.get("map")
+    """The figure the best validation is chosen by: accuracy, else mAP, else frame-wise mAP."""
+    value = next((metrics[k] for k in ("accuracy", "map", "frame_map") if metrics.get(k) is not None), None)
     return -math.inf if value is None else float(value)
 
 
@@ -183,13 +194,18 @@ def _summary(results: dict, names, members) -> str:
         for m, member in enumerate(members):
             r = results[name][m]
             key = heads_lib.member_key(name, member["label"])
-            acc = "" if r["accuracy"] is None else f"acc {r['accuracy']:.4f}, "
-            parts.append(f"{key}: {acc}mAP {r['map']:.4f}" if r["map"] is not None else f"{key}: {acc}")
+            figures = [
+                f"{label} {r[k]:.4f}"
+                for k, label in (("accuracy", "acc"), ("map", "mAP"), ("frame_map", "frame mAP"))
+                if r.get(k) is not None
+            ]
+            parts.append(f"{key}: {', '.join(figures) or 'no scored class'}")
     return "; ".join(parts)
 
 
 def _public(metrics: dict[str, Any]) -> dict[str, Any]:
-    keys = ("accuracy", "map", "f1", "per_class_ap", "num_examples", "num_scored_classes")
+    keys = ("accuracy", "map", "frame_map", "frame_map_micro", "f1", "per_class_ap", "num_examples",
+            "num_frames", "num_scored_classes")  # fmt: skip
     return {k: metrics[k] for k in keys if k in metrics}
 
 
@@ -255,6 +271,7 @@ class _Run:
         self.writer, self.bar = writer, bar
         self.best: dict[tuple[str, int], tuple[int, dict]] = {}
         self.frames = int(cfg.frames)
+        self.patch_frames = 16  # the encoder's time patch (set by run_probe)
 
     def _loader(self, subset, train: bool):
         common = dict(
@@ -265,6 +282,8 @@ class _Run:
             worker_count=int(self.cfg.data.worker_count),
             indices=subset.indices,
         )
+        if self.task.frame_wise:
+            common["frame_labels"] = (self.patch_frames, self.task.hop_seconds)
         try:
             if train:
                 return PretrainLoader(subset.paths, seed=int(self.cfg.train.seed), roll=False, **common)
@@ -285,8 +304,9 @@ class _Run:
             + ("" if place == "memory" else f" ({folder})")
         )
         cache = cache_lib.FeatureCache(
-            subset.num_clips, enc_cfg.depth, grid, enc_cfg.dim, self.task.num_classes, place, folder
-        )
+            subset.num_clips, enc_cfg.depth, grid, enc_cfg.dim, self.task.num_classes, place, folder,
+            frame_patches=grid[0] if self.task.frame_wise else 0,
+        )  # fmt: skip
         cache_lib.build(cache, self._loader(subset, train=False), forward, encoder_params, say)
         return cache_lib.CachedBatches(cache, int(self.cfg.train.batch_size), int(self.cfg.train.seed),
                                        self.batch_sharding)  # fmt: skip
@@ -329,7 +349,7 @@ class _Run:
             for m, member in enumerate(self.members):
                 r = metrics[name][m]
                 key = heads_lib.member_key(name, member["label"])
-                for metric in ("accuracy", "map", "f1"):
+                for metric in ("accuracy", "map", "frame_map", "f1"):
                     if r.get(metric) is not None:
                         scalars[f"{metric}/{key}"] = r[metric]
                 old = self.best.get((name, m))
@@ -338,27 +358,40 @@ class _Run:
         self.writer.write(offset + step, scalars, prefix + "validation")
 
     def evaluate(self, eval_step, params, encoder_params, subset) -> dict[str, list[dict]]:
-        """{probe: [metrics of member m]} on every clip of `subset` (padding rows excluded)."""
+        """{probe: [metrics of member m]} on every clip of `subset` (padding rows excluded; frame-wise
+        probes: every time patch that holds audio)."""
         loader = self._loader(subset, train=False)
         logits: dict[str, list[np.ndarray]] = {name: [] for name in self.heads}
-        targets, valid = [], []
+        keys = ("labels", "valid") + (("frame_labels", "num_frames") if self.task.frame_wise else ())
+        host: dict[str, list[np.ndarray]] = {k: [] for k in keys}
         for batch in loader:
             out = eval_step(params, encoder_params, batch)
             for name, value in _gather(out).items():
                 logits[name].append(value)
-            targets.append(_gather(batch["labels"]))
-            valid.append(_gather(batch["valid"]))
-        y, keep = np.concatenate(targets), np.concatenate(valid)
+            for k, value in _gather({k: batch[k] for k in keys}).items():
+                host[k].append(value)
+        got = {k: np.concatenate(v) for k, v in host.items()}
+        y, keep = got["labels"], got["valid"]
         results = {}
         score = lambda z: classification_metrics(z, y, multilabel=self.task.multilabel, mask=keep)  # noqa: E731
         for name in self.heads:
             if name == heads_lib.PER_LAYER:  # [S, L, N, C]: per member, a list over layers
                 all_logits = np.concatenate(logits[name], axis=2)
                 results[name] = [[score(z) for z in member] for member in all_logits]
+            elif name in heads_lib.FRAME_WISE:  # [S, N, T', C] against the frame targets
+                all_logits = np.concatenate(logits[name], axis=1)
+                frames = got["frame_labels"]
+                mask = keep[:, None] & _frame_mask(got["num_frames"], frames.shape[1], self.patch_frames)
+                results[name] = [frame_metrics(z, frames, mask=mask) for z in all_logits]
             else:
                 all_logits = np.concatenate(logits[name], axis=1)  # [S, N, C]
                 results[name] = [score(all_logits[m]) for m in range(len(self.members))]
         return results
+
+
+def _frame_mask(num_frames: np.ndarray, num_patches: int, patch_frames: int) -> np.ndarray:
+    """numpy twin of `step.frame_mask`: bool [N, T'], time patch t holds audio."""
+    return np.arange(num_patches)[None, :] * patch_frames < np.asarray(num_frames)[:, None]
 
 
 def _gather(tree):

@@ -94,28 +94,59 @@ def encoder_forward(config: EncoderConfig) -> Callable[[PyTree, Array], tuple[Ar
     return forward
 
 
+def frame_mask(num_frames: Array, num_patches: int, patch_frames: int) -> Array:
+    """bool [B, T']: time patch t of a clip holds audio (t · patch_frames < its num_frames), not padding."""
+    return jnp.arange(num_patches)[None, :] * patch_frames < num_frames[:, None]
+
+
 def _head_loss(
     heads: Mapping[str, nn.Module],
     loss: Callable[[Array, Array], Array],
     lasso_weight: float,
+    frame_loss: Callable[[Array, Array], Array] | None = None,
 ) -> Callable[..., tuple[Array, dict[str, Array]]]:
-    def total(params, cls, patches, encoder_params, spec, targets, valid, key):
+    """The summed loss of every probe (and each one's part). Clip-level probes: `loss` of logits [B, C] vs
+    "labels", averaged over the valid rows; frame-wise probes (`heads.FRAME_WISE`): `frame_loss` of logits
+    [B, T', C] vs "frame_labels", averaged over the time patches that hold audio of the valid rows."""
+
+    def total(params, cls, patches, encoder_params, spec, targets, key):
         parts = {}
-        weights = valid.astype(jnp.float32)
+        weights = targets["valid"].astype(jnp.float32)  # [B]
         for i, (name, head) in enumerate(heads.items()):
             rng = jax.random.fold_in(key, i)
             logits = head_logits(
                 head, params[name], cls, patches, encoder_params, spec, deterministic=False, rng=rng
             )
-            if logits.ndim == targets.ndim + 1:  # per-layer probes [L, B, C]: each layer's loss, summed
-                per_example = jnp.sum(loss(logits, jnp.broadcast_to(targets, logits.shape)), axis=0)
+            if name in heads_lib.FRAME_WISE:  # [B, T', C] against the frame targets
+                w = weights[:, None] * targets["frame_valid"].astype(jnp.float32)
+                value = jnp.sum(frame_loss(logits, targets["frame_labels"]) * w) / jnp.maximum(
+                    jnp.sum(w), 1.0
+                )
             else:
-                per_example = loss(logits, targets)  # [B]
-            value = jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+                y = targets["labels"]
+                if logits.ndim == y.ndim + 1:  # per-layer probes [L, B, C]: each layer's loss, summed
+                    per_example = jnp.sum(loss(logits, jnp.broadcast_to(y, logits.shape)), axis=0)
+                else:
+                    per_example = loss(logits, y)  # [B]
+                value = jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
             parts[name] = value + heads_lib.regularizer(name, params[name], lasso_weight)
         return sum(parts.values()), parts
 
     return total
+
+
+def batch_targets(
+    batch: Mapping[str, Array], heads: Mapping[str, Any], patch_frames: int
+) -> dict[str, Array]:
+    """What the losses read from a batch: "labels", "valid" [B] (all True when the batch has none) and, when a
+    frame-wise probe is among `heads`, "frame_labels" [B, T', C] and "frame_valid" [B, T']."""
+    labels = batch["labels"]
+    out = {"labels": labels, "valid": batch.get("valid", jnp.ones(labels.shape[:1], bool))}
+    if any(name in heads_lib.FRAME_WISE for name in heads):
+        frame_labels = batch["frame_labels"]
+        out["frame_labels"] = frame_labels
+        out["frame_valid"] = frame_mask(batch["num_frames"], frame_labels.shape[1], patch_frames)
+    return out
 
 
 Forward = Callable[[PyTree, Any], tuple[Array, Array]]
@@ -127,19 +158,21 @@ def train_step_fn(
     tx: optax.GradientTransformation,
     loss: Callable[[Array, Array], Array],
     cfg: ml_collections.ConfigDict,
+    frame_loss: Callable[[Array, Array], Array] | None = None,
+    patch_frames: int = 16,
 ) -> Callable[[ProbeState, PyTree, dict[str, Array]], tuple[ProbeState, dict[str, Array]]]:
-    """The (unjitted) update of every probe and member on one batch {"spec", "labels"[, "valid"]};
+    """The (unjitted) update of every probe and member on one batch {"spec", "labels"[, "valid"]} (and
+    "frame_labels", "num_frames" for frame-wise probes, whose time patches are `patch_frames` frames);
     `forward(encoder_params, spec)` → (cls, patches) is the frozen encoder (`encoder_forward`), run once."""
-    objective = _head_loss(heads, loss, float(cfg.probe.get("lasso_weight", 0.0)))
+    objective = _head_loss(heads, loss, float(cfg.probe.get("lasso_weight", 0.0)), frame_loss)
 
     def probe_train_step(state: ProbeState, encoder_params: PyTree, batch: dict[str, Array]):
         cls, patches = forward(encoder_params, batch["spec"])
-        targets = batch["labels"]
-        valid = batch.get("valid", jnp.ones(targets.shape[:1], bool))
+        targets = batch_targets(batch, heads, patch_frames)
 
         def member(params, opt_state, peak_lr, key):
             grads, parts = jax.grad(objective, has_aux=True)(
-                params, cls, patches, encoder_params, batch["spec"], targets, valid, key
+                params, cls, patches, encoder_params, batch["spec"], targets, key
             )
             opt_state.hyperparams["learning_rate"] = heads_lib.lr_at(state.step, peak_lr, cfg)
             updates, opt_state = tx.update(grads, opt_state, params)
@@ -153,19 +186,24 @@ def train_step_fn(
     return probe_train_step
 
 
-def jit_train_step(forward: Forward, heads, tx, loss, cfg, out_sharding=None):
+def jit_train_step(
+    forward: Forward, heads, tx, loss, cfg, out_sharding=None, frame_loss=None, patch_frames=16
+):
     """`train_step_fn` jitted, the state donated. `out_sharding` (e.g. replicated over the mesh) fixes the
     new state's placement: left to the partitioner, a leaf may come out sharded like the batch, and the
     next call, given another input sharding, would compile again."""
     return jax.jit(
-        train_step_fn(forward, heads, tx, loss, cfg), donate_argnums=(0,), out_shardings=out_sharding
+        train_step_fn(forward, heads, tx, loss, cfg, frame_loss, patch_frames),
+        donate_argnums=(0,),
+        out_shardings=out_sharding,
     )
 
 
 def eval_step_fn(
     forward: Forward, heads: Mapping[str, nn.Module]
 ) -> Callable[[PyTree, PyTree, dict[str, Array]], dict[str, Array]]:
-    """(probe params [S, ...], encoder params, batch) → {name: logits [S, B, C] float32}, dropout off."""
+    """(probe params [S, ...], encoder params, batch) → {name: logits [S, B, C] (frame-wise probes:
+    [S, B, T', C]) float32}, dropout off."""
 
     def probe_eval_step(params: PyTree, encoder_params: PyTree, batch: dict[str, Array]) -> dict[str, Array]:
         cls, patches = forward(encoder_params, batch["spec"])

@@ -13,6 +13,10 @@ A probe reads a folder written by `bat-jax prepare` (`data.root`). Its evaluatio
    seeded by `data.holdout_seed`; `bat_jax.probe.splits.holdout_split`) is the test set and the rest the
    training set, so that a user's own folder of labelled audio just works.
 
+Frame-wise probes (`cgp_frame`, sound event detection) also need every split they read to carry event
+annotations (`bat-jax prepare --events-csv`, or `--synthetic-events`): the loaders turn them into targets per
+time patch of the encoder (`bat_jax.data.frame_targets`), at the folder's front-end hop (`hop_seconds`).
+
 Single- or multi-label: `data.multilabel` ("single" / "multi"), or "auto": multi-label when any training clip
 has not exactly one label (this reads every training record once, as does the hold-out's stratification).
 """
@@ -29,6 +33,7 @@ import numpy as np
 from bat_jax.data.shard_reader import open_source, record_labels, shard_paths
 from bat_jax.data.shards import read_json
 from bat_jax.models.config import POS_GRID_EAT, EncoderConfig
+from bat_jax.probe import heads as heads_lib
 from bat_jax.probe.heads import ProbeConfigError
 from bat_jax.probe.splits import holdout_split, kfold_splits
 
@@ -71,6 +76,8 @@ class TaskData:
     frontend: str
     evaluations: list[Evaluation]
     protocol: str  # "kfold", "splits" or "holdout"
+    frame_wise: bool = False  # a frame-wise probe is asked: the loaders add "frame_labels"
+    hop_seconds: float = 0.01  # the front-end's frame hop (frame targets are placed in seconds)
 
     @property
     def num_classes(self) -> int:
@@ -222,7 +229,45 @@ def resolve(cfg: ml_collections.ConfigDict, encoder_config: EncoderConfig) -> Ta
         ]
         protocol = "holdout"
     multilabel = _labels_multilabel(labels) if need_labels else d.multilabel == "multi"
-    return TaskData(root, vocabulary, multilabel, frontend, evaluations, protocol)
+    frame_wise = any(n in heads_lib.FRAME_WISE for n in heads_lib.probe_names(cfg.probes))
+    hop = 0.01
+    if frame_wise:
+        manifests = {root: manifest, eval_root: eval_manifest}
+        for subset in _subsets(evaluations):
+            check_events(manifests[subset.root], subset.root, subset.split)
+        hop = _hop_seconds(manifest, root)
+    return TaskData(root, vocabulary, multilabel, frontend, evaluations, protocol, frame_wise, hop)
+
+
+def _subsets(evaluations: list[Evaluation]) -> list[Subset]:
+    out = {}
+    for e in evaluations:
+        for s in (e.train, e.validation, e.test):
+            if s is not None:
+                out[(s.root, s.split)] = s
+    return list(out.values())
+
+
+def check_events(manifest: dict, root: Path, split: str) -> None:
+    """ProbeConfigError unless the split's records carry event annotations (splits.<split>.events)."""
+    if manifest["splits"][split].get("events") is None:
+        raise ProbeConfigError(
+            f"probes: {', '.join(heads_lib.FRAME_WISE)} learn frame-wise targets (sound event detection), "
+            f"but the split {split!r} of {root} has no event annotations; prepare it with `bat-jax prepare "
+            "--events-csv FILE` (columns path,onset,offset,label, in seconds), or --synthetic-events for the "
+            "built-in dataset"
+        )
+
+
+def _hop_seconds(manifest: dict, root: Path) -> float:
+    from bat_jax.data import hop_seconds
+
+    try:
+        return float(hop_seconds(manifest))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ProbeConfigError(
+            f"data.root: {root}/{MANIFEST} does not say its front-end's frame hop ({e}); prepare it again"
+        ) from None
 
 
 def _scan(subset: Subset) -> list[tuple[int, ...]]:

@@ -1,6 +1,6 @@
-"""DCASE 2016 task 2 (HEAR), sound event detection with the frame-wise CGP (160 ms tokens), BCE.
-Frame-wise targets are not stored by `bat-jax prepare` yet: `bat-jax probe` refuses cgp_frame with a
-sentence until they are. The recipe is kept here.
+"""DCASE 2016 task 2 (HEAR), sound event detection with the frame-wise CGP (160 ms tokens), BCE, scored by
+frame-wise mAP. The folder needs its events: `bat-jax prepare --events-csv events.csv` (columns
+path,onset,offset,label in seconds), with train / validation / test splits.
 
 Recipe: PAPER.md §1.3 (frames 12000, batch 4, 4,000 steps, warm-up 400, weight decay 0.05).
 """

@@ -2,42 +2,18 @@
 (per split, in record order); the record field is optional (older records and runs without it unchanged);
 errors for a column the CSV lacks, an empty cell, and the flag without a CSV."""
 
-import json
 from pathlib import Path
 
 import msgpack
 import numpy as np
 import pytest
-import soundfile as sf
-from array_record.python.array_record_module import ArrayRecordReader
 
 from bat_jax.cli import main
 from bat_jax.data import prepare, records
 from bat_jax.probe import kfold_splits
+from tests.data.prepared import read_split, run_cli, wav
 
-SR = 16000
 ESC50_HEADER = "filename,fold,target,category,esc10,src_file,take\n"
-
-
-def wav(path: Path, seconds: float = 0.3, freq: float = 440.0) -> Path:
-    t = np.arange(round(seconds * SR)) / SR
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32), SR, subtype="PCM_16")
-    return path
-
-
-def run_cli(*args) -> int:
-    return main(["prepare", *map(str, args), "--workers", "1", "--no-progress"])
-
-
-def read_split(out: Path, split: str = "train") -> tuple[dict, list[dict]]:
-    manifest = json.loads((out / "manifest.json").read_text())
-    clips = []
-    for shard in manifest["splits"][split]["shards"]:
-        reader = ArrayRecordReader(str(out / shard["path"]))
-        clips += [records.decode(r) for r in reader.read_all()]
-        reader.close()
-    return manifest, clips
 
 
 def esc50_folder(tmp_path: Path, rows: list[str], files=None) -> tuple[Path, Path]:

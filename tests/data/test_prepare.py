@@ -394,8 +394,12 @@ def _wave_only_loader(task):
     return np.zeros(8000, np.float32)  # forgot the labels
 
 
-def _four_values_loader(task):
-    return np.zeros(8000, np.float32), (0,), (), "extra"
+def _five_values_loader(task):
+    return np.zeros(8000, np.float32), (0,), (), None, "extra"
+
+
+def _bad_events_loader(task):
+    return np.zeros(8000, np.float32), (0,), (), ((0.5, 0.2, 0),)  # onset after offset
 
 
 def _bad_notes_loader(task):
@@ -405,9 +409,17 @@ def _bad_notes_loader(task):
 @pytest.mark.parametrize(
     "loader, found",
     [
-        (_wave_only_loader, "(wave, labels) or (wave, labels, notes), found a value of type ndarray"),
-        (_four_values_loader, "found 4 values"),
+        (
+            _wave_only_loader,
+            "(wave, labels), (wave, labels, notes) or (wave, labels, notes, events), found a value of type "
+            "ndarray",
+        ),
+        (_five_values_loader, "found 5 values"),
         (_bad_notes_loader, "notes to be (kind, reason) string pairs, found ('truncated',)"),
+        (
+            _bad_events_loader,
+            "events to be (onset s, offset s, class) triples or None, found ((0.5, 0.2, 0),)",
+        ),
     ],
 )
 def test_loader_breaking_its_contract_fails_the_run_instead_of_skipping_every_clip(

@@ -36,12 +36,15 @@ def write_prepared(
     vocabulary=VOCABULARY,
     frontend: str = "bat",
     folds: dict[str, list] | None = None,
+    events: dict[str, list] | None = None,
 ) -> Path:
-    """A prepared folder: one shard per split, records as `bat-jax prepare` writes them, a manifest."""
+    """A prepared folder: one shard per split, records as `bat-jax prepare` writes them, a manifest.
+    `events[split][i]`: clip i's events ((onset s, offset s, class), ...), as `prepare --events-csv` stores
+    them (the BAT front-end's 10 ms hop)."""
     root.mkdir(parents=True, exist_ok=True)
     manifest = {
         "format_version": 2,
-        "frontend": {"name": frontend},
+        "frontend": {"name": frontend, "params": {"hop_length": 160, "sample_rate": 16000}},
         "n_mels": 128,
         "label_vocabulary": list(vocabulary),
         "splits": {},
@@ -50,10 +53,13 @@ def write_prepared(
         (root / split).mkdir(exist_ok=True)
         rel = f"{split}/{shard_name(split, 0, 1)}"
         fold_values = (folds or {}).get(split)
+        event_values = (events or {}).get(split)
         writer = ShardWriter(root / rel)
         for i, (spec, labels) in enumerate(items):
             fold = None if fold_values is None else fold_values[i]
-            writer.write(records.encode(records.Clip(spec, spec.shape[0], f"{split}/{i}", labels, fold)))
+            extra = {} if event_values is None else {"events": tuple(event_values[i])}
+            clip = records.Clip(spec, spec.shape[0], f"{split}/{i}", labels, fold, **extra)
+            writer.write(records.encode(clip))
         writer.commit()
         info = {
             "num_clips": len(items),
@@ -61,6 +67,8 @@ def write_prepared(
         }
         if fold_values is not None:
             info["folds"] = {"column": "fold", "by_record": list(fold_values)}
+        if event_values is not None:
+            info["events"] = {"source": "events_csv", "num_events": sum(map(len, event_values))}
         manifest["splits"][split] = info
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
@@ -99,3 +107,31 @@ def probe_config(encoder: Path, root: Path, **overrides):
         else:
             c[section] = value
     return c
+
+
+PATCH_SECONDS = 0.16  # a time patch: 16 frames of the 10 ms hop
+
+
+def event_clips(n: int, *, patches: int = 8, seed: int = 0, classes: int = 4, pad_patches: int = 0):
+    """n clips of sound events for frame-wise probes: (spec, labels) items and their events. Each clip has
+    1-2 events of distinct classes spanning whole time patches; during an event of class c, mel bins
+    4c..4c+3 of every 16 (every frequency patch) are bright: each class has its own patch content, which
+    frequency pooling keeps (a band at one frequency patch, as in `clips`, would differ only in position).
+    The clips stop `pad_patches` time patches short of `patches` (the loader zero-pads them)."""
+    rng = np.random.default_rng(seed)
+    items, events = [], []
+    for i in range(n):
+        spec = rng.uniform(0.0, 0.3, (16 * patches, 128)).astype(np.float16)
+        audio = patches - pad_patches
+        kinds = [i % classes] + ([int(rng.integers(0, classes))] if i % 2 else [])
+        clip_events = []
+        for c in sorted(set(kinds)):
+            start = int(rng.integers(0, audio - 1))
+            stop = int(rng.integers(start + 1, audio + 1))
+            bins = (np.arange(128) % 16) // 4 == c
+            spec[16 * start : 16 * stop, bins] += np.float16(0.6)
+            clip_events.append((start * PATCH_SECONDS, stop * PATCH_SECONDS, c))
+        spec[16 * audio :] = 0
+        items.append((spec[: 16 * audio] if pad_patches else spec, tuple(sorted(set(kinds)))))
+        events.append(clip_events)
+    return items, events

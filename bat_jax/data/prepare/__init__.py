@@ -8,6 +8,7 @@
 Modules, in the order the data flows:
     frontend   Frontend: the front-end with all its parameters, clip cutting/padding, length bucketing
     folds      attach_folds (--fold-column: a per-clip fold from the labels CSV), the manifest's folds entry
+    events     the manifest's events entry (--events-csv / --synthetic-events: sound events in the records)
     workers    process_clip (one clip -> one record or a skip) and Runner (the worker-process pool)
     output     output checks, resume, writing a split's missing shards, the manifest
     job        prepare(): the whole job for a SourcePlan
@@ -16,6 +17,7 @@ Modules, in the order the data flows:
 """
 
 from bat_jax.data.prepare.cli import add_parser, plan_source, run
+from bat_jax.data.prepare.events import events_entry
 from bat_jax.data.prepare.folds import NO_FOLD, attach_folds, folds_entry
 from bat_jax.data.prepare.frontend import BUCKET_FRAMES, FRONTENDS, SAMPLE_RATE, Frontend
 from bat_jax.data.prepare.job import CLIPS_PER_SHARD, PrepareResult, prepare
@@ -48,6 +50,7 @@ __all__ = [
     "attach_folds",
     "build_manifest",
     "check_output",
+    "events_entry",
     "default_workers",
     "folds_entry",
     "format_summary",

@@ -38,8 +38,9 @@ sources (--source):
              its class; refused when no file of a split is inside a subfolder), or none. The vocabulary is
              the sorted set of class names, or --labels-vocab FILE (one name per line, line i = label i).
              Files the CSV does not list are unlabeled (skipped with --require-labels); rows naming missing
-             files are skipped. One split named --split, or with --split-from-subdir one split per
-             subfolder of --input (train/, eval/).
+             files are skipped. Or sound events: --events-csv FILE (rules below; its events give the labels).
+             One split named --split, or with --split-from-subdir one split per subfolder of --input
+             (train/, eval/).
   tfds       a TFDS dataset prepared in the array_record format (tfds build NAME --file_format=array_record),
              read with tfds.data_source, or without TensorFlow from its files directly: --tfds-name,
              --tfds-split (comma-separated: one output split each), --tfds-data-dir. Audio from the feature
@@ -48,7 +49,8 @@ sources (--source):
              --tfds-label-key (default label), vocabulary = its class names.
   synthetic  the built-in synthetic dataset (12 classes of sound events, generated from --seed, no
              download): splits train (--num-clips) and eval (--num-eval-clips), --multilabel,
-             --min-seconds/--max-seconds.
+             --min-seconds/--max-seconds; --synthetic-events stores each clip's true events (onset, offset,
+             class) in its record, as --events-csv does.
 
 labels CSV (--labels-csv FILE), checked before any work; a CSV breaking a rule is refused:
   - paths are relative to --input; class names in a labels cell are separated by ';' (--label-separator),
@@ -68,10 +70,26 @@ labels CSV (--labels-csv FILE), checked before any work; a CSV breaking a rule i
     goes into each record (fold) and, per split in record order, into the manifest
     (splits.<split>.folds: column, values, num_clips, by_record)
 
+events CSV (--events-csv FILE), sound events for frame-wise targets (sound event detection, e.g. DCASE 2016
+task 2), checked before any work; a bad value is refused naming the file and the line:
+  - rows path,onset,offset,label: path relative to --input, onset and offset in seconds from the clip's
+    start (0 <= onset < offset), label a class name; one row per event, so a path may have many rows
+  - a row whose onset, offset and label are all empty ('a.wav,,,') marks an annotated clip without events
+  - without --events-columns: exactly four cells per row; the first row is the header path,onset,offset,label
+    or already a data row; with --events-columns PATH,ONSET,OFFSET,LABEL: a header naming the four columns
+    (other columns ignored). Text in --csv-encoding
+  - a clip's labels = the sorted set of its events' classes; the vocabulary = the sorted set of event labels
+    (or --labels-vocab); an audio file with no row is skipped ("no events"). Not with --labels-csv or
+    --labels-from-dir
+  - the events go into each record (events: [[onset, offset, class], ...]) and the manifest counts them per
+    split (splits.<split>.events: source, file, column_names, num_events, num_clips_without_events); the
+    loaders' frame_labels turn them into targets per time patch (bat_jax.data.frame_targets)
+
 what is written (--out OUT):
   OUT/<split>/<split>-00000-of-0000N.arrayrecord   one record per clip (bat_jax.data.records, msgpack):
         spec float16 [frames, 128], num_frames (true length; zero padding follows), clip_id
-        (relative path, TFDS name/split/index or synthetic id), labels (class indices)
+        (relative path, TFDS name/split/index or synthetic id), labels (class indices), and fold / events
+        when asked for (--fold-column, --events-csv, --synthetic-events)
   OUT/manifest.json   format version, front-end name and all its parameters, sample rate, clip handling,
         label_vocabulary, per split: clips, skipped, notes, frames, hours and the shard list (path, records,
         bytes, sha256); every skipped input with its reason; notes on kept inputs (e.g. a truncated WAV:
@@ -128,6 +146,16 @@ examples:
       --out data/sc2_tfds
   # (AudioSet and ESC-50 are not in the TFDS catalog; use a folder for them)
 
+  # DCASE 2016 task 2 style sound event detection: a CSV of strong labels, one row per event,
+  #   path,onset,offset,label
+  #   dev_1.wav,0.51,1.32,speech
+  #   dev_1.wav,2.05,2.90,doorslam
+  #   dev_2.wav,,,               (annotated, no event)
+  bat-jax prepare --source folder --input dcase2016_task2/audio --events-csv dcase2016_task2/events.csv \\
+      --split train --out data/dcase2016_t2
+  # the synthetic dataset with its true events (frame-wise targets for the cgp_frame probe)
+  bat-jax prepare --source synthetic --synthetic-events --out data/synth_sed
+
   # legacy Kaldi fbank features for EAT / SSLAM checkpoints
   bat-jax prepare --source folder --input ESC-50/audio --labels-csv ESC-50/meta/esc50.csv \\
       --csv-columns filename,category --frontend kaldi --out data/esc50_kaldi
@@ -147,6 +175,8 @@ _SOURCE_OPTIONS = {
     "labels_vocab": "folder",
     "labels_from_dir": "folder",
     "require_labels": "folder",
+    "events_csv": "folder",
+    "events_columns": "folder",
     "tfds_name": "tfds",
     "tfds_split": "tfds",
     "tfds_data_dir": "tfds",
@@ -159,6 +189,7 @@ _SOURCE_OPTIONS = {
     "multilabel": "synthetic",
     "min_seconds": "synthetic",
     "max_seconds": "synthetic",
+    "synthetic_events": "synthetic",
 }
 _SYNTHETIC_DEFAULTS = {"num_clips": 200, "num_eval_clips": 50, "seed": 0}
 
@@ -218,7 +249,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument(
         "--csv-encoding",
         metavar="ENC",
-        help="text encoding of the labels CSV, e.g. latin-1 or cp1252 (default: utf-8, BOM accepted)",
+        help="text encoding of the labels or events CSV, e.g. latin-1 (default: utf-8, BOM accepted)",
     )
     g.add_argument(
         "--fold-column",
@@ -245,6 +276,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="skip files without labels instead of keeping them",
+    )
+    g.add_argument(
+        "--events-csv",
+        metavar="FILE",
+        help="CSV of path,onset,offset,label sound events (seconds; one row per event), instead of labels",
+    )
+    g.add_argument(
+        "--events-columns",
+        metavar="PATH,ONSET,OFFSET,LABEL",
+        help="the four column names of an events CSV with a header (default: path,onset,offset,label)",
     )
     g = p.add_argument_group("tfds source")
     g.add_argument(
@@ -274,6 +315,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     g.add_argument("--min-seconds", type=seconds, metavar="S", help="shortest clip (default: 1.0)")
     g.add_argument("--max-seconds", type=seconds, metavar="S", help="longest clip (default: 10.0)")
+    g.add_argument(
+        "--synthetic-events",
+        action="store_true",
+        default=None,
+        help="store each clip's true sound events (onset, offset, class) in its record",
+    )
     g = p.add_argument_group("output")
     g.add_argument(
         "--frontend", choices=sorted(FRONTENDS), default="bat", help="spectrogram front-end (default: bat)"
@@ -313,6 +360,36 @@ def _existing_vocabulary(out: Path) -> list[str] | None:
     return cfg.get("label_vocabulary") if cfg else None
 
 
+def _events_options(args: argparse.Namespace) -> tuple[str | None, tuple[str, ...] | None]:
+    """(--events-csv, --events-columns as names), checked against the other label options."""
+    events_csv, names = getattr(args, "events_csv", None), getattr(args, "events_columns", None)
+    if events_csv is None:
+        if names is not None:
+            raise SourceError(
+                f"--events-columns {names}: expected --events-csv FILE with those columns, found none"
+            )
+        return None, None
+    for flag, given in (("--labels-csv", args.labels_csv), ("--labels-from-dir", args.labels_from_dir)):
+        if given:
+            raise SourceError(
+                f"--events-csv: expected either --events-csv (its events give the labels) or {flag}, "
+                f"found both"
+            )
+    if args.csv_columns is not None:
+        raise SourceError(
+            f"--csv-columns {args.csv_columns}: names the columns of --labels-csv; for --events-csv use "
+            f"--events-columns PATH,ONSET,OFFSET,LABEL"
+        )
+    columns = None
+    if names is not None:
+        columns = tuple(c.strip() for c in names.split(","))
+        if len(columns) != 4 or not all(columns):
+            raise SourceError(
+                f"--events-columns: expected four names PATH,ONSET,OFFSET,LABEL, found {names!r}"
+            )
+    return events_csv, columns
+
+
 def plan_source(args: argparse.Namespace) -> SourcePlan:
     """The SourcePlan the command-line options describe."""
     for option, owner in _SOURCE_OPTIONS.items():
@@ -329,6 +406,7 @@ def plan_source(args: argparse.Namespace) -> SourcePlan:
             multilabel=bool(args.multilabel),
             min_seconds=args.min_seconds,
             max_seconds=args.max_seconds,
+            events=bool(getattr(args, "synthetic_events", None)),
         )
     if args.source == "tfds":
         if not args.tfds_name:
@@ -349,8 +427,9 @@ def plan_source(args: argparse.Namespace) -> SourcePlan:
         columns = tuple(c.strip() for c in args.csv_columns.split(","))
         if len(columns) != 2 or not all(columns):
             raise SourceError(f"--csv-columns: expected two names PATH,LABELS, found {args.csv_columns!r}")
+    events_csv, events_columns = _events_options(args)
     vocab, origin = args.labels_vocab, "given"
-    if vocab is None and not args.overwrite and (args.labels_csv or args.labels_from_dir):
+    if vocab is None and not args.overwrite and (args.labels_csv or args.labels_from_dir or events_csv):
         # adding a split to an existing output: keep its label indices
         vocab = _existing_vocabulary(Path(args.out).expanduser().resolve()) or None
         origin = f"the existing output {args.out}"
@@ -378,6 +457,8 @@ def plan_source(args: argparse.Namespace) -> SourcePlan:
         require_labels=bool(args.require_labels),
         allow_unlabelled=bool(args.allow_unlabelled),
         vocabulary_origin=origin,
+        events_csv=events_csv,
+        events_columns=events_columns,
     )
     if folds is not None:
         plan = attach_folds(plan, folds, fold_column, args.labels_csv)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bat_jax.data import records, shards, sources
+from bat_jax.data.prepare.events import EVENTS_FIELD, events_entry, events_source
 from bat_jax.data.prepare.folds import folds_entry
 from bat_jax.data.prepare.frontend import SAMPLE_RATE
 from bat_jax.data.prepare.workers import Runner
@@ -142,6 +143,7 @@ def _write_shard(out: Path, split: SplitPlan, name: str, positions: range, resul
     state = {"num_records": 0, "num_inputs": len(positions), "total_frames": 0, "num_samples": 0}
     skipped, notes = [], []
     folds = [] if any(split.tasks[i].fold is not None for i in positions) else None  # of written records
+    events = None  # {"num_events", "num_clips_without_events"} of the written records that carry events
     try:
         for i in positions:
             if stop is not None and stop.is_set():
@@ -155,6 +157,10 @@ def _write_shard(out: Path, split: SplitPlan, name: str, positions: range, resul
                 writer.write(result.record)
                 if folds is not None:
                     folds.append(task.fold)
+                if result.num_events is not None:
+                    events = events or {"num_events": 0, "num_clips_without_events": 0}
+                    events["num_events"] += result.num_events
+                    events["num_clips_without_events"] += result.num_events == 0
                 state["total_frames"] += result.num_frames
                 state["num_samples"] += result.num_samples
             bar.update(1)
@@ -173,6 +179,8 @@ def _write_shard(out: Path, split: SplitPlan, name: str, positions: range, resul
     }
     if folds is not None:
         state["folds"] = folds
+    if events is not None:
+        state["events"] = events
     return state
 
 
@@ -229,6 +237,8 @@ def _split_entry(out: Path, split: str) -> dict | None:
     shard_list, skipped, notes, num_bytes = [], list(state["pre_skipped"]), [], 0
     fold_column = state["config"]["source"].get("fold_column")
     by_record = []  # the fold of each record, in order (with --fold-column)
+    with_events = events_source(state["config"]["source"])  # records carry events (--events-csv...)
+    counts = {"num_events": 0, "num_clips_without_events": 0}
     for name in state["config"]["shards"]:
         done = shards.read_json(state_dir / (name + shards.DONE_SUFFIX))
         path = out / split / name
@@ -254,6 +264,12 @@ def _split_entry(out: Path, split: str) -> dict | None:
             if shard_folds is None or len(shard_folds) != done["num_records"]:
                 return None  # written without its folds: not a finished split of this configuration
             by_record += shard_folds
+        if with_events is not None:
+            shard_events = done.get("events", {} if done["num_records"] == 0 else None)
+            if shard_events is None:
+                return None  # written without its events: not a finished split of this configuration
+            for key in counts:
+                counts[key] += shard_events.get(key, 0)
         num_bytes += done["bytes"]
     entry["audio_hours"] = entry["num_samples"] / SAMPLE_RATE / 3600
     entry.update(
@@ -267,6 +283,8 @@ def _split_entry(out: Path, split: str) -> dict | None:
     )
     if fold_column is not None:
         entry["folds"] = folds_entry(fold_column, by_record)
+    if with_events is not None:
+        entry["events"] = events_entry(with_events, **counts)
     return entry
 
 
@@ -297,6 +315,8 @@ def build_manifest(out: Path, global_cfg: dict, command: list[str], timing: dict
     }
     if any("folds" in entry for entry in splits.values()):
         record_fields["fold"] = FOLD_FIELD
+    if any("events" in entry for entry in splits.values()):
+        record_fields["events"] = EVENTS_FIELD
     manifest = {
         "format_version": records.FORMAT_VERSION,
         "bat_jax_version": __version__,

@@ -10,6 +10,7 @@ import math
 import multiprocessing
 import os
 import signal
+import textwrap
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class ClipResult:
     kind: str = ""
     reason: str = ""
     notes: tuple[tuple[str, str], ...] = ()  # (kind, reason) of a kept clip worth reporting (e.g. truncated)
+    num_events: int | None = None  # events in the record; None: a record without event annotations
 
 
 def _load_error_kind(message: str) -> str:
@@ -59,31 +61,42 @@ def _load_error_kind(message: str) -> str:
 
 
 class LoaderContractError(TypeError):
-    """A loader returned something other than (wave, labels) or (wave, labels, notes): the code is wrong, not
-    one input, so the run stops (every clip would be skipped otherwise)."""
+    """A loader returned something other than (wave, labels), (wave, labels, notes) or (wave, labels, notes,
+    events): the code is wrong, not one input, so the run stops (every clip would be skipped otherwise)."""
 
 
-def _notes(loaded, loader, task: ClipTask) -> tuple[tuple[str, str], ...]:
-    """The notes of a loader's (wave, labels) or (wave, labels, notes) result, checked."""
+def _checked(loaded, loader, task: ClipTask) -> tuple[tuple[tuple[str, str], ...], tuple | None]:
+    """(notes, events) of a loader's (wave, labels), (wave, labels, notes) or (wave, labels, notes, events)
+    result, checked; events None (not returned, or None) are the task's own."""
     where = f"loader {getattr(loader, '__name__', type(loader).__name__)} on {task.source!r}"
-    if not isinstance(loaded, tuple | list) or len(loaded) not in (2, 3):
+    if not isinstance(loaded, tuple | list) or len(loaded) not in (2, 3, 4):
         found = (
             f"{len(loaded)} values"
             if isinstance(loaded, tuple | list)
             else f"a value of type {type(loaded).__name__}"
         )
         raise LoaderContractError(
-            f"{where}: expected a loader to return (wave, labels) or (wave, labels, notes), found {found}"
+            f"{where}: expected a loader to return (wave, labels), (wave, labels, notes) or (wave, labels, "
+            f"notes, events), found {found}"
         )
     try:
-        notes = tuple(tuple(n) for n in loaded[2]) if len(loaded) == 3 else ()
+        notes = tuple(tuple(n) for n in loaded[2]) if len(loaded) >= 3 else ()
     except TypeError:
         notes = None
     if notes is None or not all(len(n) == 2 and all(isinstance(x, str) for x in n) for n in notes):
         raise LoaderContractError(
             f"{where}: expected a loader's notes to be (kind, reason) string pairs, found {loaded[2]!r}"
         )
-    return notes
+    if len(loaded) < 4 or loaded[3] is None:
+        return notes, task.events
+    try:
+        events = records._check_events(loaded[3], "its events")  # [[onset, offset, class], ...]
+    except ValueError as e:
+        raise LoaderContractError(
+            f"{where}: expected a loader's events to be (onset s, offset s, class) triples or None, found "
+            f"{textwrap.shorten(repr(loaded[3]), 80)} ({e})"
+        ) from None
+    return notes, tuple(tuple(e) for e in events)
 
 
 def process_clip(task: ClipTask, loader, frontend: Frontend, num_classes: int) -> ClipResult:
@@ -92,6 +105,8 @@ def process_clip(task: ClipTask, loader, frontend: Frontend, num_classes: int) -
 
     The loader returns (wave, labels) or (wave, labels, notes): notes are (kind, reason) string pairs about
     a clip that is kept (e.g. ("truncated", "read 8000 frames, header says 16000")); they go with the record.
+    Or (wave, labels, notes, events): the clip's sound events (onset s, offset s, class), written into the
+    record; without them (or None) the task's own `events` (from an events CSV) are.
     """
     from bat_jax.audio.io import AudioLoadError
 
@@ -102,9 +117,9 @@ def process_clip(task: ClipTask, loader, frontend: Frontend, num_classes: int) -
     except Exception as e:  # noqa: BLE001 - an unusable input is skipped, not fatal
         return ClipResult(kind="unreadable input", reason=f"{type(e).__name__}: {e}")
     # outside the try: a loader that breaks the contract fails the run (LoaderContractError), not one clip
-    notes = _notes(loaded, loader, task)
+    notes, events = _checked(loaded, loader, task)
     wave, labels = loaded[0], loaded[1]
-    bad = [c for c in labels if not 0 <= c < num_classes]
+    bad = [c for c in (*labels, *(e[2] for e in events or ())) if not 0 <= c < num_classes]
     if bad:
         return ClipResult(
             kind="unknown label", reason=f"class indices {bad} outside the vocabulary [0, {num_classes})"
@@ -123,8 +138,9 @@ def process_clip(task: ClipTask, loader, frontend: Frontend, num_classes: int) -
         features, frames = frontend(wave)
     except Exception as e:  # noqa: BLE001
         return ClipResult(kind="front-end error", reason=f"{type(e).__name__}: {e}")
-    record = records.encode(records.Clip(features, frames, task.clip_id, tuple(labels), task.fold))
-    return ClipResult(record, frames, int(wave.shape[0]), notes=notes)
+    record = records.encode(records.Clip(features, frames, task.clip_id, tuple(labels), task.fold, events))
+    num_events = None if events is None else len(events)
+    return ClipResult(record, frames, int(wave.shape[0]), notes=notes, num_events=num_events)
 
 
 _WORKER: dict[str, Any] = {}

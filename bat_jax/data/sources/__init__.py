@@ -3,7 +3,8 @@
 Each source plans into a `SourcePlan` (base.py): per split, the clips to compute (`ClipTask`), the inputs
 rejected while listing (`Skipped`) and a picklable loader run in the worker processes.
 
-    folder.py      every audio file under a folder (FileLoader: bat_jax.audio.load); labels_csv.py its CSV
+    folder.py      every audio file under a folder (FileLoader: bat_jax.audio.load); labels_csv.py its CSV,
+                   events_csv.py its sound events CSV (--events-csv)
     synthetic.py   the built-in synthetic dataset (SyntheticLoader: bat_jax.audio.synthetic.make_clip)
     items.py       any random-access data source of dicts (ItemLoader), the tfds.data_source protocol
     tfds.py        a prepared TFDS dataset, with tfds.data_source or TensorFlow-free (TfFreeTfdsSource)
@@ -21,6 +22,7 @@ from bat_jax.data.sources.base import (
     resample,
     to_float_wave,
 )
+from bat_jax.data.sources.events_csv import EVENTS_COLUMNS, NO_EVENTS, ClipEvents, read_events_csv
 from bat_jax.data.sources.folder import AUDIO_EXTENSIONS, FileLoader, folder_source
 from bat_jax.data.sources.items import ItemLoader, items_source, labels_of
 from bat_jax.data.sources.labels_csv import CSV_COLUMNS, LABEL_SEPARATOR, read_labels_csv
@@ -37,11 +39,14 @@ from bat_jax.data.sources.tfds import (
 __all__ = [
     "AUDIO_EXTENSIONS",
     "CSV_COLUMNS",
+    "EVENTS_COLUMNS",
     "LABEL_SEPARATOR",
+    "NO_EVENTS",
     "RESAMPLE_TYPE",
     "SAMPLE_RATE",
     "SYNTHETIC_EVAL_INDEX",
     "TFDS_SPLIT_FILE_FORMAT",
+    "ClipEvents",
     "ClipTask",
     "FileLoader",
     "ItemLoader",
@@ -56,6 +61,7 @@ __all__ = [
     "folder_source",
     "items_source",
     "labels_of",
+    "read_events_csv",
     "read_labels_csv",
     "read_vocabulary",
     "resample",

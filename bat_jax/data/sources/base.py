@@ -3,8 +3,8 @@
 A source is planned up front into a `SourcePlan`: the label vocabulary and, per split, the sorted list of
 clips to compute (`ClipTask`, small and picklable), the inputs already rejected while listing (`Skipped`)
 and a picklable `loader` that turns a task into `(wave float32 [samples] at 16 kHz, labels)` (or
-`(wave, labels, notes)`, see `SplitPlan`) inside a worker process. Loaders raise `AudioLoadError` (or any
-error) for unusable inputs; `prepare` skips those.
+`(wave, labels, notes)`, or `(wave, labels, notes, events)`, see `SplitPlan`) inside a worker process.
+Loaders raise `AudioLoadError` (or any error) for unusable inputs; `prepare` skips those.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ class ClipTask:
     `labels` are class indices; loaders that read labels from the data (TFDS) return their own.
     `fold` is the clip's cross-validation fold (`prepare --fold-column`), written into its record; None
     when the source has none.
+    `events` are the clip's sound events (onset s, offset s, class index) from an events CSV (`prepare
+    --events-csv`), written into its record; () for an annotated clip without events, None when the source
+    has no annotations (a loader that makes its own events, the synthetic one, returns them instead).
     """
 
     index: int
@@ -43,6 +46,7 @@ class ClipTask:
     source: str
     labels: tuple[int, ...] = ()
     fold: int | str | None = None
+    events: tuple[tuple[float, float, int], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,11 @@ class Skipped:
 
 @dataclass
 class SplitPlan:
-    """What one split of the output is made of. `digest` identifies the inputs (resume checks it)."""
+    """What one split of the output is made of. `digest` identifies the inputs (resume checks it).
+
+    `loader(task)` returns (wave, labels), (wave, labels, notes) or (wave, labels, notes, events): notes are
+    (kind, reason) string pairs about a kept clip; events, (onset s, offset s, class) triples of the clip
+    (None: the task's own `events`)."""
 
     name: str
     tasks: list[ClipTask]

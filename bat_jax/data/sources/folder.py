@@ -1,4 +1,5 @@
-"""The folder source: every audio file under a folder, labels from a CSV, from folder names, or none.
+"""The folder source: every audio file under a folder, labels from a CSV, from folder names, or none; or
+sound events (and the labels they give) from an events CSV (events_csv.py).
 
 Listing (listing.py) never fails on one bad entry: it is skipped with its reason. Labels asked for but
 found nowhere are refused before any work: a CSV with no data row or none of whose rows names a listed
@@ -25,7 +26,8 @@ from bat_jax.data.sources.base import (
     _digest,
     read_vocabulary,
 )
-from bat_jax.data.sources.labels_csv import LABEL_SEPARATOR, read_labels_csv
+from bat_jax.data.sources.events_csv import EVENTS_COLUMNS, NO_EVENTS, read_events_csv
+from bat_jax.data.sources.labels_csv import LABEL_SEPARATOR, _CsvRow, read_labels_csv
 from bat_jax.data.sources.listing import FOLDER_KINDS, list_audio_files
 
 
@@ -106,7 +108,7 @@ def _check_csv_matched(rows, files: Sequence[str], labels_csv, root: Path) -> No
     )
 
 
-def _vocabulary(labels_vocab, origin: str, labels_from_dir: bool, files, splits: _Splits, rows):
+def _vocabulary(labels_vocab, origin: str, labels_from_dir: bool, files, splits: _Splits, rows, csv_kind):
     """(vocabulary, where it came from)."""
     if isinstance(labels_vocab, str | os.PathLike):
         return read_vocabulary(labels_vocab), str(Path(labels_vocab).resolve())
@@ -114,7 +116,7 @@ def _vocabulary(labels_vocab, origin: str, labels_from_dir: bool, files, splits:
         return list(labels_vocab), origin
     if labels_from_dir:
         return sorted({n for rel in files for n in splits.dir_label(rel)}), "folder names"
-    return sorted({n for row in rows for n in row.names}), "labels CSV"
+    return sorted({n for row in rows for n in row.names}), csv_kind
 
 
 def folder_source(
@@ -132,12 +134,17 @@ def folder_source(
     allow_unlabelled: bool = False,
     extensions: Sequence[str] = AUDIO_EXTENSIONS,
     vocabulary_origin: str = "given",
+    events_csv: str | os.PathLike | None = None,
+    events_columns: Sequence[str] | None = None,
 ) -> SourcePlan:
     """Plan a folder of audio files (recursive): one split named `split`, or one per top-level subfolder.
 
     Labels come from `labels_csv` (labels_csv.py: paths relative to the folder, class names separated by
     `label_separator`; `csv_columns` names its path and labels columns, None = two columns), or from
     each file's parent folder name (`labels_from_dir`), or there are none.
+    Or sound events come from `events_csv` (events_csv.py: rows path,onset,offset,label; `events_columns`
+    names those columns, None = four columns): each clip's events go into its task (`events`, class indices),
+    its labels are the sorted set of their classes, and files without a row are skipped ("no events").
     The vocabulary is `labels_vocab` (a file, or a list of names from `vocabulary_origin`), else the sorted
     set of class names seen.
     Files the CSV does not list are unlabeled (skipped with `require_labels`); CSV rows naming missing
@@ -149,23 +156,34 @@ def folder_source(
         raise SourceError(f"--input: expected a folder of audio files, found no folder {root}")
     if labels_csv is not None and labels_from_dir:
         raise SourceError("expected either --labels-csv or --labels-from-dir, found both")
-    rows = []
+    if events_csv is not None and (labels_csv is not None or labels_from_dir):
+        other = "--labels-csv" if labels_csv is not None else "--labels-from-dir"
+        raise SourceError(f"expected either --events-csv (its events give the labels) or {other}, found both")
+    rows, events = [], {}
     if labels_csv is not None:  # the CSV first: its errors cost no listing
         rows = read_labels_csv(
             labels_csv, root, csv_columns, label_separator, encoding=csv_encoding, extensions=extensions
         )
+    if events_csv is not None:  # one row per clip: the names of its events' classes
+        clip_events = read_events_csv(
+            events_csv, root, events_columns, encoding=csv_encoding, extensions=extensions
+        )
+        rows = [_CsvRow(c.line, c.path, tuple(sorted({e[2] for e in c.events}))) for c in clip_events]
+        events = {c.path: c.events for c in clip_events}
+    csv_file = labels_csv if labels_csv is not None else events_csv
     listing = list_audio_files(root, extensions)
     sizes = dict(listing.files)  # relative path -> bytes, for the inputs digest
     splits = _Splits(root, split, split_from_subdir)
     if labels_from_dir and not allow_unlabelled:
         _check_dir_labels(list(listing.files), splits)
+    csv_kind = "events CSV" if events_csv is not None else "labels CSV"
     vocabulary, vocab_origin = _vocabulary(
-        labels_vocab, vocabulary_origin, labels_from_dir, listing.files, splits, rows
+        labels_vocab, vocabulary_origin, labels_from_dir, listing.files, splits, rows, csv_kind
     )
     index = {name: i for i, name in enumerate(vocabulary)}
 
     skipped: dict[str, list[Skipped]] = {} if split_from_subdir else {split: []}
-    clips: dict[str, list[tuple[str, tuple[int, ...]]]] = {} if split_from_subdir else {split: []}
+    clips: dict[str, list[tuple]] = {} if split_from_subdir else {split: []}  # (path, labels[, events])
 
     def skip(rel: str, kind: str, reason: str) -> None:
         name = splits.of(rel, folder=kind in FOLDER_KINDS)[0]
@@ -176,7 +194,7 @@ def folder_source(
         skip(rel, kind, reason)
     unlisted = {rel for rel, _, _ in listing.skipped}
     labelled: dict[str, tuple[str, ...]] = {}
-    csv_name = str(labels_csv)
+    csv_name = str(csv_file)
     for row in rows:
         where = f"{csv_name}, line {row.line}"
         if os.path.isabs(row.path) or ".." in row.path.split("/"):
@@ -189,12 +207,15 @@ def folder_source(
             labelled[row.path], sizes[row.path] = row.names, (root / row.path).stat().st_size
         elif row.path not in unlisted:  # else already skipped with its reason
             skip(row.path, "missing file", f"{where}: listed, but no such file in {root}")
-    if labels_csv is not None and not labelled and not allow_unlabelled:
-        _check_csv_matched(rows, list(listing.files), labels_csv, root)
+    if csv_file is not None and not labelled and not allow_unlabelled:
+        _check_csv_matched(rows, list(listing.files), csv_file, root)
 
     for rel in sorted(sizes):
-        if labels_csv is not None:
+        if csv_file is not None:
             names = labelled.get(rel)
+            if names is None and events_csv is not None:
+                skip(rel, NO_EVENTS, f"no row in {csv_name} (--events-csv), so no event annotations")
+                continue
             if names is None and require_labels:
                 skip(rel, "unlabeled", f"no row in {csv_name} (--require-labels)")
                 continue
@@ -209,16 +230,26 @@ def folder_source(
         elif require_labels and not names:
             skip(rel, "unlabeled", "no labels (--require-labels)")
         else:
-            clips.setdefault(splits.of(rel)[0], []).append((rel, tuple(sorted({index[n] for n in names}))))
+            clip = (rel, tuple(sorted({index[n] for n in names})))
+            if events_csv is not None:  # (onset, offset, class index), sorted
+                clip += (tuple(sorted((on, off, index[n]) for on, off, n in events[rel])),)
+            clips.setdefault(splits.of(rel)[0], []).append(clip)
 
     loader = FileLoader(str(root))
     plans = []
     for name in sorted(clips):
-        tasks = [ClipTask(i, rel, rel, labels) for i, (rel, labels) in enumerate(clips[name])]
-        digest = _digest((rel, labels, sizes[rel]) for rel, labels in clips[name])
+        tasks = [
+            ClipTask(i, c[0], c[0], c[1], events=c[2] if len(c) > 2 else None)
+            for i, c in enumerate(clips[name])
+        ]
+        digest = _digest((c[0], c[1], sizes[c[0]], *c[2:]) for c in clips[name])  # events only with them
         plans.append(SplitPlan(name, tasks, skipped.get(name, []), loader, digest))
-    description = {
-        "kind": "folder",
+    description = {"kind": "folder"}
+    if events_csv is not None:  # only then (outputs made before the option existed still resume); early, so
+        # that the message refusing to resume an output made without them shows them
+        description["events_csv"] = str(Path(events_csv).resolve())
+        description["events_columns"] = list(events_columns or EVENTS_COLUMNS)
+    description |= {
         "input": str(root),
         "extensions": list(extensions),
         "labels_csv": str(Path(labels_csv).resolve()) if labels_csv is not None else None,
