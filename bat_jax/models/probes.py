@@ -32,6 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bat_jax.models.pooling import min_max_similarity
+
 Array = jax.Array
 DType = Any
 PrecisionLike = Any
@@ -87,6 +89,11 @@ def min_mid_max(sim: Array, axes: tuple[int, ...], mid: Array | None = None) -> 
     lo = jnp.min(sim, axis=axes)
     hi = jnp.max(sim, axis=axes)
     mid = jnp.mean(sim, axis=axes) if mid is None else mid
+    return interleave_min_mid_max(lo, mid, hi)
+
+
+def interleave_min_mid_max(lo: Array, mid: Array, hi: Array) -> Array:
+    """[..., K] three times -> [..., 3K]: (k0_min, k0_mid, k0_max, k1_min, ...), the reference's fc order."""
     stacked = jnp.stack([lo, mid, hi], axis=-1)  # [..., K, 3]
     return stacked.reshape(stacked.shape[:-2] + (3 * stacked.shape[-2],))
 
@@ -219,6 +226,15 @@ class _Probe(nn.Module):
         )
         return fc(x).astype(jnp.float32)
 
+    def _min_max(self, x: Array, prototypes_hat: Array, with_min: bool = True) -> tuple[Array, Array]:
+        """Min and max over tokens of the cosine similarities, sparse backward (`pooling.min_max_similarity`):
+        x [G, M, D] unit tokens, P̂ [K, D] → ([G, K], [G, K]), sharded over the batch and the prototypes."""
+        lo, hi = min_max_similarity(
+            x.astype(self.dtype), prototypes_hat.astype(self.dtype), self.precision, with_min
+        )
+        constrain = lambda a: nn.with_logical_constraint(a, ("batch", "prototypes"))  # noqa: E731
+        return constrain(lo), constrain(hi)
+
     def _similarities(self, x: Array, prototypes_hat: Array) -> Array:
         """Cosine similarities of (unit) tokens with unit prototypes.  x [..., D], P̂ [K, D] -> [..., K]"""
         return jnp.einsum("...d,kd->...k", x, prototypes_hat.astype(self.dtype), precision=self.precision)
@@ -245,17 +261,19 @@ class ConvexGatedProbe(_Probe):
         prototypes_hat = l2_normalize(self._prototypes(self.num_prototypes))  # [K, D]
 
         z = mix_layers(alpha, l2_normalize(self._patches(patches)))  # [B, T, F, D]
-        sim = self._similarities(z, prototypes_hat)  # [B, T, F, K]
-        sim = nn.with_logical_constraint(sim, ("batch", None, None, "prototypes"))
-
-        if self.pooling == "frame":
-            feats = min_mid_max(sim, axes=(2,))  # [B, T, 3K]
-        elif self.pooling == "patch_avg":
-            feats = min_mid_max(sim, axes=(1, 2))  # [B, 3K]
+        b, t, f, d = z.shape
+        if self.pooling == "frame":  # per time patch, over its frequency patches
+            lo, hi = self._min_max(z.reshape(b * t, f, d), prototypes_hat)  # [B·T, K]
+            lo, hi = lo.reshape(b, t, -1), hi.reshape(b, t, -1)
+            mid = self._similarities(jnp.mean(z, axis=2), prototypes_hat)  # mean_F(z)·P̂ = mean_F(z·P̂)
         else:
-            o = mix_layers(alpha, l2_normalize(self._cls(cls)))  # [B, D]
-            feats = min_mid_max(sim, axes=(1, 2), mid=self._similarities(o, prototypes_hat))  # [B, 3K]
-        return self._classify(feats, deterministic)
+            lo, hi = self._min_max(z.reshape(b, t * f, d), prototypes_hat)  # [B, K]
+            if self.pooling == "patch_avg":
+                mid = self._similarities(jnp.mean(z, axis=(1, 2)), prototypes_hat)
+            else:
+                o = mix_layers(alpha, l2_normalize(self._cls(cls)))  # [B, D]
+                mid = self._similarities(o, prototypes_hat)
+        return self._classify(interleave_min_mid_max(lo, mid, hi), deterministic)
 
 
 class _TokenProbe(_Probe):
@@ -323,9 +341,10 @@ class ProtoBinProbe(_Probe):
         del cls  # PB reads the patch tokens only
         prototypes_hat = l2_normalize(binarize_ste(self._prototypes(self.num_prototypes)))  # [K, D]
         x = l2_normalize(self._patches(patches)[-1])  # [B, T, F, D]
-        sim = self._similarities(x, prototypes_hat)  # [B, T, F, K]
-        sim = nn.with_logical_constraint(sim, ("batch", None, None, "prototypes"))
-        feats = jnp.max(sim, axis=2 if self.frame_wise else (1, 2))  # [B, T, K] or [B, K]
+        b, t, f, d = x.shape
+        groups, tokens = (b * t, f) if self.frame_wise else (b, t * f)
+        _, hi = self._min_max(x.reshape(groups, tokens, d), prototypes_hat, with_min=False)
+        feats = hi.reshape(b, t, -1) if self.frame_wise else hi  # [B, T, K] or [B, K]
         return self._classify(feats, deterministic)
 
 
