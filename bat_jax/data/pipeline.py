@@ -54,6 +54,18 @@ Probe training: the same loader with `roll=False` (probing has no augmentation: 
 `target_frames` frames, zero-padded) and `num_classes` for the multi-hot labels. Both loaders take `indices`
 (global record indices of the split's shards) to read only a hold-out or cross-validation subset of it.
 
+Sampler (the training loader's `sampler`): "shuffle" (default) is the seeded permutation per epoch above.
+"class_balanced" (BirdSet HSN's class-balanced `WeightedRandomSampler`) draws records *with replacement*,
+P(record) ∝ mean_{c ∈ labels} 1 / count(c) (`bat_jax.data.sampling.class_balanced_weights`: the formula,
+the official rule, unlabelled records), the counts taken over all the selected records (`indices`), read
+once when the loader is built (every record is read: the labels live beside the spectrograms). Each process
+draws from its own contiguous share as above, `records_per_process` draws per "epoch", from numpy's Generator
+seeded by (seed, process, epoch) (`sampling.WeightedDrawsMapDataset`): reproducible, and `get_state` /
+`set_state` resume it exactly as the shuffle. Several processes: the counts are global (all selected
+records) and each process fills its B / process_count rows from its own share, so the global batch is
+balanced when the classes spread about evenly over the contiguous shares (each share's total weight near
+1 / process_count of the whole); records grouped by class in the shards would skew it (one process: exact).
+
 Frame-wise targets (sound event detection probes): both loaders take `frame_labels=(patch_frames,
 hop_seconds)` (the training loader only with `roll=False`; both need `num_classes`), and every batch then
 carries "frame_labels": float32 [B, target_frames // patch_frames, num_classes], row t of a clip = the
@@ -98,6 +110,12 @@ from bat_jax.data.placement import (  # noqa: F401  (re-exported: the pipeline's
     read_options,
     setup_loader,
     tune_malloc,
+)
+from bat_jax.data.sampling import (  # noqa: F401
+    SAMPLERS,
+    WeightedDrawsMapDataset,
+    check_sampler,
+    class_balanced_weights,
 )
 from bat_jax.data.shard_reader import (  # noqa: F401
     ShardError,
@@ -161,7 +179,8 @@ def shuffle_seed(seed: int, process_index: int) -> int:
 
 
 class PretrainLoader:
-    """Endless, shuffled, rolled batches; a checkpointable iterator (see the module docstring)."""
+    """Endless, shuffled (or class-balanced), rolled batches; a checkpointable iterator (see the module
+    docstring)."""
 
     def __init__(
         self,
@@ -183,8 +202,10 @@ class PretrainLoader:
         roll: bool = True,
         indices: Sequence[int] | None = None,
         frame_labels: tuple[int, float] | None = None,
+        sampler: str = "shuffle",
     ):
         where = "pretraining pipeline" if roll else "probe training pipeline"
+        self.sampler = check_sampler(sampler, where)
         if roll and frame_labels is not None:
             raise ValueError(
                 f"{where}: frame_labels need roll=False (a rolled clip's events would move), found roll=True "
@@ -218,11 +239,14 @@ class PretrainLoader:
         # per clip from 10,000 records up, 37 µs at 2,000, 0.6 ms at 100 (dev VM). Against ~350 µs of CPU
         # per 1024-frame clip that is noise for real datasets, so the old EpochShuffleSampler (one numpy
         # permutation per epoch) went: 1 worker gives >1,000 clips/s (benchmarks/RESULTS.md).
+        share = grain.MapDataset.source(source)[start : start + self.records_per_process]
+        if sampler == "shuffle":
+            stream = share.shuffle(seed=shuffle_seed(seed, self.process_index)).repeat()
+        else:  # class-balanced: weights from every selected record's labels, draws from this share
+            weights = class_balanced_weights(record_labels(source))[start : start + self.records_per_process]
+            stream = WeightedDrawsMapDataset(share, weights, seed=seed, process_index=self.process_index)
         ds = (
-            grain.MapDataset.source(source)[start : start + self.records_per_process]
-            .shuffle(seed=shuffle_seed(seed, self.process_index))
-            .repeat()
-            .map_with_index(
+            stream.map_with_index(
                 RollCropPad(target_frames, seed, self.records_per_process, num_classes, roll, frame_labels)
             )
             .batch(self.local_batch_size, drop_remainder=True)

@@ -154,25 +154,48 @@ def build(cache: FeatureCache, loader, forward, encoder_params, say) -> float:
 
 
 class CachedBatches:
-    """Endless batches from a FeatureCache: a permutation per epoch from (seed, epoch), remainder dropped,
-    placed with `sharding` (global arrays; one process)."""
+    """Endless batches from a FeatureCache, placed with `sharding` (global arrays; one process).
 
-    def __init__(self, cache: FeatureCache, batch_size: int, seed: int, sharding):
+    `sampler` (the config's data.sampler): "shuffle", a permutation per epoch from (seed, epoch), remainder
+    dropped; "class_balanced", rows drawn with replacement in proportion to
+    `bat_jax.data.sampling.class_balanced_weights` of the cached multi-hot labels (the same weights as the
+    loader's), `per_epoch` batches of draws per epoch from (seed, 0, epoch)."""
+
+    def __init__(self, cache: FeatureCache, batch_size: int, seed: int, sharding, sampler: str = "shuffle"):
+        from bat_jax.data import sampling
+
         if batch_size > cache.num_clips:
             raise ProbeConfigError(
                 f"train.batch_size: {batch_size} clips per batch, more than the {cache.num_clips} cached "
                 "clips"
             )
+        if sampler not in sampling.SAMPLERS:
+            raise ProbeConfigError(
+                f"data.sampler: expected one of {', '.join(sampling.SAMPLERS)}, found {sampler!r}"
+            )
         self.cache, self.batch_size, self.seed, self.sharding = cache, batch_size, seed, sharding
+        self.sampler = sampler
         self.per_epoch = cache.num_clips // batch_size
         self.step = 0
+        self._weights = sampling.class_balanced_weights(cache.labels) if sampler == "class_balanced" else None
+        self._draws: tuple[int, np.ndarray] | None = None  # (epoch, its draws)
 
     def __iter__(self):
         return self
 
+    def _order(self, epoch: int) -> np.ndarray:
+        from bat_jax.data.sampling import draws
+
+        if self._weights is None:
+            return np.random.default_rng([self.seed, epoch]).permutation(self.cache.num_clips)
+        if self._draws is None or self._draws[0] != epoch:
+            size = self.per_epoch * self.batch_size
+            self._draws = (epoch, draws(self._weights, size, (self.seed, 0, epoch)))
+        return self._draws[1]
+
     def __next__(self) -> dict[str, Any]:
         epoch, k = divmod(self.step, self.per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.cache.num_clips)
+        order = self._order(epoch)
         rows = order[k * self.batch_size : (k + 1) * self.batch_size]
         self.step += 1
         return jax.device_put(self.cache.batch(rows), self.sharding)

@@ -284,9 +284,16 @@ class _Run:
         )
         if self.task.frame_wise:
             common["frame_labels"] = (self.patch_frames, self.task.hop_seconds)
+        from bat_jax.data.sampling import SAMPLERS
+
+        sampler = self.cfg.data.get("sampler", "shuffle")  # training only: evaluation reads every clip once
+        if sampler not in SAMPLERS:  # checked at every loader, so also before the feature cache is built
+            raise ProbeConfigError(f"data.sampler: expected one of {', '.join(SAMPLERS)}, found {sampler!r}")
         try:
             if train:
-                return PretrainLoader(subset.paths, seed=int(self.cfg.train.seed), roll=False, **common)
+                return PretrainLoader(
+                    subset.paths, seed=int(self.cfg.train.seed), roll=False, sampler=sampler, **common
+                )
             return EvalLoader(subset.paths, **common)
         except ValueError as e:
             raise ProbeConfigError(f"{subset.describe()}: {e}") from None
@@ -308,8 +315,13 @@ class _Run:
             frame_patches=grid[0] if self.task.frame_wise else 0,
         )  # fmt: skip
         cache_lib.build(cache, self._loader(subset, train=False), forward, encoder_params, say)
-        return cache_lib.CachedBatches(cache, int(self.cfg.train.batch_size), int(self.cfg.train.seed),
-                                       self.batch_sharding)  # fmt: skip
+        return cache_lib.CachedBatches(
+            cache,
+            int(self.cfg.train.batch_size),
+            int(self.cfg.train.seed),
+            self.batch_sharding,
+            self.cfg.data.get("sampler", "shuffle"),
+        )
 
     def train(self, train_step, eval_step, tx, encoder_params, offset: int, loader=None):
         cfg = self.cfg

@@ -61,4 +61,5 @@ def get_config():
     c.data.holdout_seed = 0
     c.data.multilabel = "auto"  # single, multi, or auto (read from the training clips' labels)
     c.data.worker_count = 0  # Grain worker processes (0: read in this process)
+    c.data.sampler = "shuffle"  # training order: shuffle (a permutation per epoch) or class_balanced (draws)
     return c
