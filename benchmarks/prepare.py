@@ -5,8 +5,8 @@ Writes synthetic 16-bit wav files to a temporary folder, then for each worker co
   total   `bat-jax prepare --source folder` in a fresh Python process, as a user runs it; clips/s is the
           manifest's figure: the whole prepare call (listing, worker start-up and jit compilations,
           decoding, front-end, encoding, writing), without the interpreter start.
-  steady  the same clip pipeline (workers: decode, front-end, encode; this process: write one shard) once
-          the workers are started and compiled: best of `--repeats` passes over all the files.
+  steady  the same clip pipeline (each worker: decode, front-end, encode, write its shard) once the workers
+          are started and compiled: best of `--repeats` passes over all the files, one shard per worker.
 """
 
 import argparse
@@ -56,20 +56,30 @@ def run_prepare(inputs: Path, out: Path, workers: int, frontend: str) -> tuple[d
 
 
 def steady_rate(inputs: Path, out: Path, workers: int, frontend_name: str, repeats: int) -> float:
-    """Best clips/s of the worker pipeline plus shard writing, after a warm-up that starts every worker."""
+    """Best clips/s of the workers computing and writing shards (one per worker), after a warm-up that starts
+    and compiles every worker."""
     plan = sources.folder_source(inputs, labels_csv=inputs / "labels.csv")
     split = plan.splits[0]
     frontend = prepare.Frontend.create(frontend_name)
+    ranges = shards.plan_shards(len(split.tasks), num_shards=workers)
+    (out / split.name).mkdir(parents=True, exist_ok=True)
+    (out / shards.PROGRESS_DIR / split.name).mkdir(parents=True, exist_ok=True)
+
+    def jobs(prefix: str, clips: int | None = None) -> list:
+        return [
+            prepare.ShardJob(
+                split.name, k, f"{prefix}-{k}", tuple(split.tasks[i] for i in r[:clips]), "bench"
+            )
+            for k, r in enumerate(ranges)
+        ]
+
     best = 0.0
     with prepare.Runner(workers, {split.name: split.loader}, frontend, len(plan.vocabulary)) as runner:
-        warm_up = split.tasks[: 2 * prepare.TASKS_PER_SUBMIT * workers]
-        assert all(r.record for r in runner.map(split.name, warm_up))
-        for _ in range(repeats):
+        assert all(state["num_records"] == 2 for _, state in runner.run(out, jobs("warm-up", 2)))
+        for repeat in range(repeats):
             start = time.perf_counter()
-            writer = shards.ShardWriter(out)
-            for result in runner.map(split.name, split.tasks):
-                writer.write(result.record)
-            writer.commit()
+            for _ in runner.run(out, jobs(f"timed{repeat}")):
+                pass
             best = max(best, len(split.tasks) / (time.perf_counter() - start))
     return best
 
@@ -97,9 +107,7 @@ def main() -> None:
         print(f"wrote the inputs in {time.perf_counter() - start:.1f} s")
         for workers in args.workers:
             timing, wall = run_prepare(inputs, Path(tmp) / f"out{workers}", workers, args.frontend)
-            steady = steady_rate(
-                inputs, Path(tmp) / f"steady{workers}.arrayrecord", workers, args.frontend, args.repeats
-            )
+            steady = steady_rate(inputs, Path(tmp) / f"steady{workers}", workers, args.frontend, args.repeats)
             rates[workers] = total, steady = timing["clips_per_second"], steady
             print(
                 f"workers {workers}: total {total:.2f} clips/s (prepare {timing['seconds']:.1f} s, "

@@ -7,7 +7,9 @@ Layout under an output folder OUT:
     OUT/.progress/<split>/split.json                the split's settings and inputs rejected while listing
     OUT/.progress/<split>/<shard>.done.json         per finished shard: record count, size, sha256, skipped
                                                     inputs and notes
-    OUT/.progress/lock                              held (flock) while a run writes OUT
+    OUT/.progress/<split>/part-I-of-N.json          per finished part of a `--part I/N` run: its shards
+                                                    (digests, counts), skipped inputs, timing
+    OUT/.progress/lock                              held (flock) while a run writes OUT (shared by parts)
 
 A shard is written to `<shard>.tmp`, renamed when complete, and only then gets its `.done.json`; a shard
 counts as done when both exist and agree (settings digest, size, sha256 of the file, record count).
@@ -21,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -70,8 +73,9 @@ def digest(obj) -> str:
 
 
 def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temporary file, fsync, rename)."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write JSON atomically (temporary file, fsync, rename). The temporary file's name is unique to this
+    process, so parts of one `--part I/N` job writing the same file (same content) never mix their bytes."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=False, default=str)
         f.write("\n")
@@ -220,10 +224,17 @@ def shard_done(shard: Path, done: dict | None, config_digest: str) -> bool:
 
 
 class OutputLock:
-    """An exclusive flock on OUT/.progress/lock, so two runs never write the same output at once."""
+    """A flock on OUT/.progress/<name>, so two runs never write the same output at once: exclusive (a run of
+    the whole command, `--merge`), or shared (the parts of a `--part I/N` run, which write disjoint shards
+    and also hold an exclusive lock of their own, `lock-part-I-of-N`). Only one host's runs see each other's
+    locks unless the shared disk supports flock."""
 
-    def __init__(self, out: Path):
-        self.path = out / PROGRESS_DIR / "lock"
+    def __init__(
+        self, out: Path, name: str = "lock", shared: bool = False, holder: str = "`bat-jax prepare`"
+    ):
+        self.path = out / PROGRESS_DIR / name
+        self.shared = shared
+        self.holder = holder  # who holds it when it is taken, for the message
         self._file = None
 
     def __enter__(self):
@@ -234,11 +245,13 @@ class OutputLock:
         except ImportError:  # not POSIX: no locking
             return self
         try:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(
+                self._file.fileno(), (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
+            )
         except OSError as e:
             self._file.close()
             raise RuntimeError(
-                f"another `bat-jax prepare` is writing {self.path.parent.parent} (lock {self.path} is held); "
+                f"another {self.holder} is writing {self.path.parent.parent} (lock {self.path} is held); "
                 "wait for it to finish"
             ) from e
         return self

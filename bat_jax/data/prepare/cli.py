@@ -8,158 +8,22 @@ import sys
 from pathlib import Path
 
 from bat_jax.data import shards, sources
+from bat_jax.data.prepare import parts
 from bat_jax.data.prepare.folds import attach_folds
 from bat_jax.data.prepare.frontend import FRONTENDS, Frontend
+from bat_jax.data.prepare.help_text import DESCRIPTION, EXAMPLES
 from bat_jax.data.prepare.job import CLIPS_PER_SHARD, prepare, stop_on_sigint
-from bat_jax.data.prepare.output import Interrupted, OutputError
-from bat_jax.data.prepare.summary import format_summary
+from bat_jax.data.prepare.output import OutputError
+from bat_jax.data.prepare.summary import format_part_summary, format_summary
 from bat_jax.data.prepare.workers import (
     CLIPS_PER_DEFAULT_WORKER,
     MAX_DEFAULT_WORKERS,
+    Interrupted,
     LoaderContractError,
     default_workers,
 )
 from bat_jax.data.sources import SourceError, SourcePlan
 from bat_jax.data.sources.labels_csv import read_folds
-
-DESCRIPTION = """\
-Decode audio once, compute spectrograms, and write them as ArrayRecord shards plus a manifest that the
-training and probing pipelines read.
-
-sources (--source):
-  folder     every audio file under --input, recursively (.wav .flac .ogg .mp3 .m4a .aiff .aif), mixed to
-             mono and resampled to 16 kHz (soxr_hq). Folders named .* are not entered. Symlinks to folders
-             are followed, except a link to a folder above it (skipped as "symlink loop") or a second way
-             into a folder already listed ("duplicate folder"). A subfolder that cannot be listed (no read
-             permission), a broken symlink, a file that vanished or cannot be stat'ed are skipped, listed
-             in the manifest with their reason and counted in the summary; the rest is written. A truncated
-             WAV (its header promises more frames than its data holds) is kept and listed as truncated.
-             Labels: --labels-csv FILE (rules below), or --labels-from-dir (the folder holding a file names
-             its class; refused when no file of a split is inside a subfolder), or none. The vocabulary is
-             the sorted set of class names, or --labels-vocab FILE (one name per line, line i = label i).
-             Files the CSV does not list are unlabeled (skipped with --require-labels); rows naming missing
-             files are skipped. Or sound events: --events-csv FILE (rules below; its events give the labels).
-             One split named --split, or with --split-from-subdir one split per subfolder of --input
-             (train/, eval/).
-  tfds       a TFDS dataset prepared in the array_record format (tfds build NAME --file_format=array_record),
-             read with tfds.data_source, or without TensorFlow from its files directly: --tfds-name,
-             --tfds-split (comma-separated: one output split each), --tfds-data-dir. Audio from the feature
-             --tfds-audio-key (default audio) at its sample_rate (or --tfds-sample-rate), int16 PCM divided by
-             32768, resampled to 16 kHz; labels from the ClassLabel or Sequence(ClassLabel) feature
-             --tfds-label-key (default label), vocabulary = its class names.
-  synthetic  the built-in synthetic dataset (12 classes of sound events, generated from --seed, no
-             download): splits train (--num-clips) and eval (--num-eval-clips), --multilabel,
-             --min-seconds/--max-seconds; --synthetic-events stores each clip's true events (onset, offset,
-             class) in its record, as --events-csv does.
-
-labels CSV (--labels-csv FILE), checked before any work; a CSV breaking a rule is refused:
-  - paths are relative to --input; class names in a labels cell are separated by ';' (--label-separator),
-    an empty cell means no labels; blank rows are ignored
-  - without --csv-columns: exactly two cells per row, path and labels; the first row is the header
-    `path,labels` or already a data row whose path has an audio extension (a header like `file,class`
-    needs --csv-columns file,class)
-  - with --csv-columns PATH,LABELS: the first row is a header naming both columns (case-insensitive; other
-    columns are ignored), e.g. ESC-50's meta/esc50.csv with --csv-columns filename,category
-  - text in --csv-encoding (default utf-8, a byte-order mark accepted); a byte that does not decode is
-    reported with its line; pass e.g. --csv-encoding latin-1
-  - when no row names an audio file under --input the run is refused; --allow-unlabelled writes the files
-    without labels instead (it also lets --labels-from-dir run on a flat folder)
-  - --fold-column NAME stores each clip's cross-validation fold from that column (e.g. ESC-50's fold): the
-    header must name it (without --csv-columns the header is path,labels,NAME), every row needs a value;
-    integers when every value is one, else strings. A file with no CSV row is skipped ("no fold"). The fold
-    goes into each record (fold) and, per split in record order, into the manifest
-    (splits.<split>.folds: column, values, num_clips, by_record)
-
-events CSV (--events-csv FILE), sound events for frame-wise targets (sound event detection, e.g. DCASE 2016
-task 2), checked before any work; a bad value is refused naming the file and the line:
-  - rows path,onset,offset,label: path relative to --input, onset and offset in seconds from the clip's
-    start (0 <= onset < offset), label a class name; one row per event, so a path may have many rows
-  - a row whose onset, offset and label are all empty ('a.wav,,,') marks an annotated clip without events
-  - without --events-columns: exactly four cells per row; the first row is the header path,onset,offset,label
-    or already a data row; with --events-columns PATH,ONSET,OFFSET,LABEL: a header naming the four columns
-    (other columns ignored). Text in --csv-encoding
-  - a clip's labels = the sorted set of its events' classes; the vocabulary = the sorted set of event labels
-    (or --labels-vocab); an audio file with no row is skipped ("no events"). Not with --labels-csv or
-    --labels-from-dir
-  - the events go into each record (events: [[onset, offset, class], ...]) and the manifest counts them per
-    split (splits.<split>.events: source, file, column_names, num_events, num_clips_without_events); the
-    loaders' frame_labels turn them into targets per time patch (bat_jax.data.frame_targets)
-
-what is written (--out OUT):
-  OUT/<split>/<split>-00000-of-0000N.arrayrecord   one record per clip (bat_jax.data.records, msgpack):
-        spec float16 [frames, 128], num_frames (true length; zero padding follows), clip_id
-        (relative path, TFDS name/split/index or synthetic id), labels (class indices), and fold / events
-        when asked for (--fold-column, --events-csv, --synthetic-events)
-  OUT/manifest.json   format version, front-end name and all its parameters, sample rate, clip handling,
-        label_vocabulary, per split: clips, skipped, notes, frames, hours and the shard list (path, records,
-        bytes, sha256); every skipped input with its reason; notes on kept inputs (e.g. a truncated WAV:
-        frames read vs header); the command line, bat-jax version and timing
-  OUT/.progress/      per-shard completion records (records, bytes, sha256), used to resume
-  `bat-jax verify OUT` checks a prepared folder: checksums, every record, counts against the manifest
-
-front-ends (--frontend):
-  bat    (default) BAT log-mel (bat_jax.audio.logmel): 1024-point STFT, hop 160, 128 HTK mels, dB with an
-         80 dB floor, min-max to [0, 1] per clip
-  kaldi  legacy EAT/SSLAM Kaldi fbank (bat_jax.audio.kaldi_fbank), stored raw: the (x - mean) / (2 std)
-         dataset normalisation is applied later (bat_jax.audio.normalize_fbank)
-
-clip length (--clip-seconds N): a clip longer than N s is cut to its first N s before the front-end; the
-  features of a shorter clip are zero-padded after the front-end (after BAT's min-max, so padding = the
-  minimum, as in BAT) to the frame count of N s (bat: N*16000 // 160 + 1; 10.23 s -> 1024 frames).
-  num_frames keeps the true length. Default: every clip at its full length.
-
-robustness: unreadable, corrupt, empty and too-short inputs are skipped, listed in the manifest with their
-  reason and counted in the summary; the exit status is 1 only when nothing was written, or with --strict
-  when anything was skipped. Output is deterministic (sorted inputs, fixed shard ranges, records in input
-  order whatever the worker count). Rerunning an interrupted command writes only the missing shards, and
-  recomputes a finished shard whose size or sha256 no longer matches its record (the summary names it).
-  Ctrl-C (SIGINT) stops between two clips with exit status 130: finished shards are kept, the shard being
-  written is dropped; run the same command again to finish.
-  An output made with other settings is refused unless --overwrite. Separate runs may add splits to the
-  same OUT when the front-end, clip handling and label vocabulary agree (a folder run reuses the
-  vocabulary of an existing OUT).
-"""
-
-EXAMPLES = """\
-examples:
-  # the built-in synthetic dataset (train + eval)
-  bat-jax prepare --source synthetic --out data/synth --num-clips 2000 --num-eval-clips 500
-
-  # AudioSet from a folder of downloaded 10 s clips and a CSV `path,labels` you write from the segment
-  # lists (labels = class names or MIDs separated by ';'); one run per split, same --out
-  bat-jax prepare --source folder --input audioset/balanced_train --labels-csv balanced_train.csv \\
-      --split train --clip-seconds 10.23 --out data/as20k --workers 8
-  bat-jax prepare --source folder --input audioset/eval --labels-csv eval.csv \\
-      --split eval --clip-seconds 10.23 --out data/as20k --workers 8
-
-  # ESC-50 straight from its repository layout (meta/esc50.csv has columns filename, fold and category),
-  # with its 5 folds for cross-validation
-  bat-jax prepare --source folder --input ESC-50/audio --labels-csv ESC-50/meta/esc50.csv \\
-      --csv-columns filename,category --fold-column fold --out data/esc50
-
-  # Speech Commands v2 from its folder layout (one folder per word; move _background_noise_ out first,
-  # or it becomes a class; the official validation/test lists are not applied: one split)
-  bat-jax prepare --source folder --input speech_commands_v0.02 --labels-from-dir --out data/sc2
-
-  # Speech Commands from TFDS (dataset speech_commands: splits train, validation, test)
-  bat-jax prepare --source tfds --tfds-name speech_commands --tfds-split train,validation,test \\
-      --out data/sc2_tfds
-  # (AudioSet and ESC-50 are not in the TFDS catalog; use a folder for them)
-
-  # DCASE 2016 task 2 style sound event detection: a CSV of strong labels, one row per event,
-  #   path,onset,offset,label
-  #   dev_1.wav,0.51,1.32,speech
-  #   dev_1.wav,2.05,2.90,doorslam
-  #   dev_2.wav,,,               (annotated, no event)
-  bat-jax prepare --source folder --input dcase2016_task2/audio --events-csv dcase2016_task2/events.csv \\
-      --split train --out data/dcase2016_t2
-  # the synthetic dataset with its true events (frame-wise targets for the cgp_frame probe)
-  bat-jax prepare --source synthetic --synthetic-events --out data/synth_sed
-
-  # legacy Kaldi fbank features for EAT / SSLAM checkpoints
-  bat-jax prepare --source folder --input ESC-50/audio --labels-csv ESC-50/meta/esc50.csv \\
-      --csv-columns filename,category --frontend kaldi --out data/esc50_kaldi
-"""
 
 # option -> the source it belongs to (used to reject options given to another source)
 _SOURCE_OPTIONS = {
@@ -191,6 +55,7 @@ _SOURCE_OPTIONS = {
     "max_seconds": "synthetic",
     "synthetic_events": "synthetic",
 }
+
 _SYNTHETIC_DEFAULTS = {"num_clips": 200, "num_eval_clips": 50, "seed": 0}
 
 
@@ -229,10 +94,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--source", required=True, choices=("folder", "tfds", "synthetic"), help="where the audio comes from"
+        "--source",
+        choices=("folder", "tfds", "synthetic"),
+        help="where the audio comes from (required, except with --merge)",
     )
     p.add_argument(
         "--out", required=True, metavar="DIR", help="output folder (created; resumed if it exists)"
+    )
+    g = p.add_argument_group("several machines (one dataset prepared in N parts into the same --out)")
+    g.add_argument(
+        "--part",
+        type=parts.parse_part,
+        metavar="I/N",
+        help="write only part I of N: every N-th shard of the command (round-robin over its splits), and "
+        "the part's state; no manifest",
+    )
+    g.add_argument(
+        "--merge",
+        action="store_true",
+        help="once every part is done: check the parts of --out and write manifest.json (only --out, "
+        "--strict and --no-progress go with it)",
     )
     g = p.add_argument_group("folder source")
     g.add_argument("--input", metavar="DIR", help="folder of audio files (searched recursively)")
@@ -322,9 +203,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="store each clip's true sound events (onset, offset, class) in its record",
     )
     g = p.add_argument_group("output")
-    g.add_argument(
-        "--frontend", choices=sorted(FRONTENDS), default="bat", help="spectrogram front-end (default: bat)"
-    )
+    g.add_argument("--frontend", choices=sorted(FRONTENDS), help="spectrogram front-end (default: bat)")
     g.add_argument(
         "--clip-seconds",
         type=seconds,
@@ -337,8 +216,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help=(
-            f"worker processes (default: min({MAX_DEFAULT_WORKERS}, CPUs), and one per "
-            f"{CLIPS_PER_DEFAULT_WORKER} clips for small inputs)"
+            f"worker processes, each writing whole shards (default: min({MAX_DEFAULT_WORKERS}, CPUs), and "
+            f"one per {CLIPS_PER_DEFAULT_WORKER} clips for small inputs; never more than shards to write)"
         ),
     )
     sharding = g.add_mutually_exclusive_group()
@@ -465,11 +344,32 @@ def plan_source(args: argparse.Namespace) -> SourcePlan:
     return plan
 
 
+# what --merge accepts besides --out (every other option of the parser is refused with it)
+_MERGE_OPTIONS = ("out", "merge", "strict", "no_progress", "func", "overrides", "command")
+
+
+def _merge_conflicts(args: argparse.Namespace) -> list[str]:
+    """The options given with --merge that it does not take, as flags."""
+    given = [k for k, v in vars(args).items() if k not in _MERGE_OPTIONS and v not in (None, False)]
+    return ["--" + k.replace("_", "-") for k in given]
+
+
 def run(args: argparse.Namespace) -> int:
     """The `bat-jax prepare` command: returns the exit status."""
     try:
+        if args.merge:
+            conflicts = _merge_conflicts(args)
+            if conflicts:
+                raise SourceError(
+                    f"--merge: expected only --out (and --strict, --no-progress), found {' '.join(conflicts)}"
+                )
+            result = parts.merge(args.out, strict=args.strict)
+            print(format_summary(result, Path(args.out)))
+            return result.exit_status
+        if args.source is None:
+            raise SourceError("the following arguments are required: --source (or --merge)")
         with stop_on_sigint() as stop:  # Ctrl-C while listing inputs also ends in the message below
-            frontend = Frontend.create(args.frontend, clip_seconds=args.clip_seconds)
+            frontend = Frontend.create(args.frontend or "bat", clip_seconds=args.clip_seconds)
             plan = plan_source(args)
             if stop.is_set():
                 raise Interrupted()
@@ -490,6 +390,7 @@ def run(args: argparse.Namespace) -> int:
                 overwrite=args.overwrite,
                 strict=args.strict,
                 progress=not args.no_progress,
+                part=args.part,
             )
     except (SourceError, OutputError, LoaderContractError, ValueError, RuntimeError, OSError) as e:
         print(f"bat-jax prepare: error: {e}", file=sys.stderr)
@@ -497,5 +398,8 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("bat-jax prepare: interrupted; run the same command again to finish", file=sys.stderr)
         return 130
-    print(format_summary(result, Path(args.out)))
+    if result.part is not None:
+        print(format_part_summary(result, Path(args.out)))
+    else:
+        print(format_summary(result, Path(args.out)))
     return result.exit_status

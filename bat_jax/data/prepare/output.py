@@ -1,19 +1,19 @@
-"""The output folder of `prepare`: refusing foreign or mismatched outputs, writing a split's missing shards
-(resume), and building the manifest from the per-shard progress state (bat_jax.data.shards).
+"""The output folder of `prepare`: refusing foreign or mismatched outputs, finding a split's shards still to
+write (resume), and building the manifest from the per-shard progress state (bat_jax.data.shards).
 """
 
 from __future__ import annotations
 
-import sys
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bat_jax.data import records, shards, sources
+from bat_jax.data import records, shards
 from bat_jax.data.prepare.events import EVENTS_FIELD, events_entry, events_source
 from bat_jax.data.prepare.folds import folds_entry
 from bat_jax.data.prepare.frontend import SAMPLE_RATE
-from bat_jax.data.prepare.workers import Runner
+from bat_jax.data.prepare.workers import ShardJob
 from bat_jax.data.sources import SourcePlan, SplitPlan
 
 FOLD_FIELD = (
@@ -110,25 +110,26 @@ class SplitRun:
     shards_repaired: list[tuple[str, str]] = field(default_factory=list)
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT arrived: the run stopped between two clips; finished shards stay, the current one is dropped."""
-
-
-def _shards_to_write(out: Path, split: str, names: list[str], config_digest: str):
-    """(indices of the shards to write, [(path, reason)] of finished shards that turned out bad)."""
+def _shards_to_write(
+    out: Path, split: str, names: list[str], config_digest: str, indices: Sequence[int] | None = None
+):
+    """(indices of the shards to write among `indices` (default all), [(path, reason)] of finished shards that
+    turned out bad)."""
     state_dir = out / shards.PROGRESS_DIR / split
-    dones = [shards.read_json(state_dir / (name + shards.DONE_SUFFIX)) for name in names]
+    indices = range(len(names)) if indices is None else indices
+    dones = {k: shards.read_json(state_dir / (names[k] + shards.DONE_SUFFIX)) for k in indices}
     finished = [  # the shards whose checksum decides (settings and size agree): hashed ahead, in threads
-        out / split / name
-        for name, done in zip(names, dones, strict=True)
+        out / split / names[k]
+        for k, done in dones.items()
         if done
         and done.get("config_digest") == config_digest
-        and (out / split / name).is_file()
-        and (out / split / name).stat().st_size == done.get("bytes")
+        and (out / split / names[k]).is_file()
+        and (out / split / names[k]).stat().st_size == done.get("bytes")
     ]
     todo, repaired = [], []
     with shards.hashing(finished) as hash_of:
-        for k, (name, done) in enumerate(zip(names, dones, strict=True)):
+        for k, done in dones.items():
+            name = names[k]
             problem = shards.shard_problem(out / split / name, done, config_digest, hash_of)
             if problem is not None:
                 todo.append(k)
@@ -137,88 +138,22 @@ def _shards_to_write(out: Path, split: str, names: list[str], config_digest: str
     return todo, repaired
 
 
-def _write_shard(out: Path, split: SplitPlan, name: str, positions: range, results, stop, bar) -> dict:
-    """Write one shard from the next len(positions) results; returns its .done.json state, less the digest."""
-    writer = shards.ShardWriter(out / split.name / name)
-    state = {"num_records": 0, "num_inputs": len(positions), "total_frames": 0, "num_samples": 0}
-    skipped, notes = [], []
-    folds = [] if any(split.tasks[i].fold is not None for i in positions) else None  # of written records
-    events = None  # {"num_events", "num_clips_without_events"} of the written records that carry events
-    try:
-        for i in positions:
-            if stop is not None and stop.is_set():
-                raise Interrupted()
-            task, result = split.tasks[i], next(results)
-            for kind, reason in result.notes:
-                notes.append({"split": split.name, "source": task.source, "kind": kind, "reason": reason})
-            if result.record is None:
-                skipped.append(sources.Skipped(split.name, task.source, result.kind, result.reason).to_json())
-            else:
-                writer.write(result.record)
-                if folds is not None:
-                    folds.append(task.fold)
-                if result.num_events is not None:
-                    events = events or {"num_events": 0, "num_clips_without_events": 0}
-                    events["num_events"] += result.num_events
-                    events["num_clips_without_events"] += result.num_events == 0
-                state["total_frames"] += result.num_frames
-                state["num_samples"] += result.num_samples
-            bar.update(1)
-        size = writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    sha256 = shards.sha256_file(writer.path)
-    state = {
-        **state,
-        "num_records": writer.num_records,
-        "bytes": size,
-        "sha256": sha256,
-        "skipped": skipped,
-        "notes": notes,
-    }
-    if folds is not None:
-        state["folds"] = folds
-    if events is not None:
-        state["events"] = events
-    return state
-
-
-def write_split(
-    out: Path,
-    split: SplitPlan,
-    ranges: list[range],
-    config_digest: str,
-    runner: Runner,
-    progress: bool,
-    stop=None,
-) -> SplitRun:
-    """Write every shard of `split` that is not done (or no longer intact), in order; returns what was done.
-
-    stop: a threading.Event; when set, the run stops before the next clip (raising Interrupted), the shard
-    being written is dropped and its .done.json is never written.
-    """
+def split_jobs(
+    out: Path, split: SplitPlan, ranges: list[range], config_digest: str, indices: Sequence[int] | None = None
+) -> tuple[list[ShardJob], list[tuple[str, str]]]:
+    """The shards of `split` to write (those of `indices`, default all, that are not done or no longer
+    intact), as jobs for the Runner, and [(path in OUT, reason)] of finished shards found bad. Their stale
+    .done.json files are deleted here: a shard counts as done again only once it is rewritten."""
     state_dir = out / shards.PROGRESS_DIR / split.name
     (out / split.name).mkdir(parents=True, exist_ok=True)
     names = [shards.shard_name(split.name, k, len(ranges)) for k in range(len(ranges))]
-    todo, repaired = _shards_to_write(out, split.name, names, config_digest)
-    tasks = [split.tasks[i] for k in todo for i in ranges[k]]
-    results = runner.map(split.name, tasks)
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=len(tasks), desc=f"prepare {split.name}", unit="clip", file=sys.stderr, disable=not progress
-    )
-    try:
-        for k in todo:
-            done_path = state_dir / (names[k] + shards.DONE_SUFFIX)
-            done_path.unlink(missing_ok=True)  # stale: this shard is being rewritten
-            state = _write_shard(out, split, names[k], ranges[k], results, stop, bar)
-            shards.write_json(done_path, {**state, "config_digest": config_digest})
-    finally:
-        bar.close()
-        results.close()
-    return SplitRun(split.name, len(ranges), len(ranges) - len(todo), len(tasks), repaired)
+    todo, repaired = _shards_to_write(out, split.name, names, config_digest, indices)
+    jobs = []
+    for k in todo:
+        (state_dir / (names[k] + shards.DONE_SUFFIX)).unlink(missing_ok=True)
+        tasks = tuple(split.tasks[i] for i in ranges[k])
+        jobs.append(ShardJob(split.name, k, names[k], tasks, config_digest))
+    return jobs, repaired
 
 
 def _split_entry(out: Path, split: str) -> dict | None:

@@ -60,9 +60,10 @@ def format_summary(result: PrepareResult, out: Path) -> str:
     t = m["timing"]
     total = sum(s["bytes"] for s in m["splits"].values())
     rate = f"{t['clips_per_second']:.1f} clips/s" if t["clips_per_second"] is not None else "-"
+    merged = f" in {t['parts']} parts, merged" if "parts" in t else ""
     lines.append(
         f"  output {_size(total)}; {t['clips_computed']} clips computed in {t['seconds']:.1f} s ({rate}, "
-        f"{t['workers']} worker{'s' if t['workers'] != 1 else ''})"
+        f"{t['workers']} worker{'s' if t['workers'] != 1 else ''}{merged})"
     )
     if result.exit_status:
         lines.append(
@@ -70,6 +71,56 @@ def format_summary(result: PrepareResult, out: Path) -> str:
             + (
                 "nothing was written"
                 if not any(s["num_clips"] for n, s in m["splits"].items() if n in computed)
+                else "inputs were skipped (--strict)"
+            )
+        )
+    return "\n".join(lines)
+
+
+def format_part_summary(result: PrepareResult, out: Path) -> str:
+    """What a `--part I/N` run prints: its shards per split, its skipped inputs, which parts are done."""
+    index, num_parts = result.part
+    lines = [f"bat-jax prepare: part {index}/{num_parts} of {out}  (no manifest: `--merge` writes it)"]
+    columns = ("shards", 8), ("clips", 8), ("skipped", 8), ("size", 10)
+    lines.append(f"  {'split':<12} " + " ".join(f"{name:>{width}}" for name, width in columns) + "  run")
+    for r in result.runs:
+        s = result.part_states[r.name]
+        size = sum(shard["bytes"] for shard in s["shards"])
+        counts = f"{len(s['shards']):>8} {s['num_clips']:>8} {s['num_skipped']:>8} {_size(size):>10}"
+        lines.append(
+            f"  {r.name:<12} {counts}  {r.clips_computed} clips computed, {r.shards_reused} shards reused"
+        )
+    for r in result.runs:
+        for path, reason in r.shards_repaired:
+            lines.append(f"  shard {path} was bad ({reason}): computed again")
+    states = result.part_states.values()
+    lines += _by_kind("skipped inputs", [e for s in states for e in s["skipped"]])
+    lines += _by_kind("kept with notes", [e for s in states for e in s["notes"]])
+    if not any(s["shards"] for s in states):
+        lines.append(f"  this part has no shards: the command makes fewer than {num_parts} shards")
+    t = next(iter(states))["run"] if result.part_states else None
+    if t is not None:
+        rate = f"{t['clips_per_second']:.1f} clips/s" if t["clips_per_second"] is not None else "-"
+        lines.append(
+            f"  {t['clips_computed']} clips computed in {t['seconds']:.1f} s ({rate}, {t['workers']} "
+            f"worker{'s' if t['workers'] != 1 else ''})"
+        )
+    missing = [i for i in range(1, num_parts + 1) if i not in result.parts_done]
+    merge = f"`bat-jax prepare --merge --out {out}`"
+    if missing:
+        todo = ", ".join(f"{i}/{num_parts}" for i in missing)
+        lines.append(
+            f"  parts done: {', '.join(f'{i}/{num_parts}' for i in result.parts_done)}; still to run: {todo} "
+            f"(the same command with --part I/{num_parts}); then {merge} writes manifest.json"
+        )
+    else:
+        lines.append(f"  all {num_parts} parts are done: {merge} writes manifest.json")
+    if result.exit_status:
+        lines.append(
+            "  exit status 1: "
+            + (
+                "this part wrote no clip"
+                if not any(s["num_clips"] for s in states)
                 else "inputs were skipped (--strict)"
             )
         )

@@ -1,5 +1,6 @@
-"""Per-clip work and the worker pool of `prepare`: load -> cut -> front-end -> encode, in this process or in
-spawned worker processes (JAX on the CPU, one thread each), results in task order.
+"""Per-clip and per-shard work and the worker pool of `prepare`: load -> cut -> front-end -> encode -> write
+a whole shard (and its .done.json), in this process or in spawned worker processes (JAX on the CPU, one thread
+each); the main process only hands out shards and collects their states.
 """
 
 from __future__ import annotations
@@ -11,18 +12,19 @@ import multiprocessing
 import os
 import signal
 import textwrap
-from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from bat_jax.data import records
+from bat_jax.data import records, shards
 from bat_jax.data.prepare.frontend import SAMPLE_RATE, Frontend
-from bat_jax.data.sources import ClipTask
+from bat_jax.data.sources import ClipTask, Skipped
 
-TASKS_PER_SUBMIT = 4  # clips per job sent to a worker process
-JOBS_IN_FLIGHT_PER_WORKER = 4  # bounded look-ahead: memory stays flat, order stays fixed
-MAX_DEFAULT_WORKERS = 4
+POLL_SECONDS = 0.1  # how often the main process looks at Ctrl-C and the workers' progress
+# Workers write their own shards, so the main process is no bottleneck (benchmarks/prepare_scaling.py);
+# the default stays below the core count of large machines because each worker holds JAX (~0.6 GB RSS).
+MAX_DEFAULT_WORKERS = 16
 # By default, one worker process per this many clips (each takes seconds to start and compile):
 CLIPS_PER_DEFAULT_WORKER = 256
 WORKER_XLA_FLAGS = ("--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1")
@@ -143,23 +145,122 @@ def process_clip(task: ClipTask, loader, frontend: Frontend, num_classes: int) -
     return ClipResult(record, frames, int(wave.shape[0]), notes=notes, num_events=num_events)
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT arrived: the run stopped between two clips; finished shards stay, the ones being written are
+    dropped."""
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to write: `tasks` (the shard's clips, in order) into OUT/<split>/<name>, whose .done.json
+    gets `config_digest`. Small and picklable: this is what a worker process receives."""
+
+    split: str
+    index: int  # the shard's index in its split
+    name: str
+    tasks: tuple[ClipTask, ...]
+    config_digest: str
+
+
+def write_shard(
+    out: Path,
+    job: ShardJob,
+    loader,
+    frontend: Frontend,
+    num_classes: int,
+    stop=None,
+    on_clip: Callable[[], None] | None = None,
+) -> dict:
+    """Compute and write one whole shard: OUT/<split>/<name>.tmp, renamed when complete, then its .done.json
+    (records, inputs, frames, samples, bytes, sha256, skipped inputs, notes, folds and events of its records,
+    the settings digest). Returns that .done.json state.
+
+    stop: an Event checked before every clip; once set, the shard is dropped (its .tmp deleted, no .done.json)
+    and Interrupted is raised. on_clip: called after every clip (progress).
+    """
+    writer = None
+    state = {"num_records": 0, "num_inputs": len(job.tasks), "total_frames": 0, "num_samples": 0}
+    skipped, notes = [], []
+    folds = [] if any(t.fold is not None for t in job.tasks) else None  # of written records
+    events = None  # {"num_events", "num_clips_without_events"} of the written records that carry events
+    try:
+        if stop is not None and stop.is_set():
+            raise Interrupted()
+        writer = shards.ShardWriter(out / job.split / job.name)
+        for task in job.tasks:
+            if stop is not None and stop.is_set():
+                raise Interrupted()
+            result = process_clip(task, loader, frontend, num_classes)
+            for kind, reason in result.notes:
+                notes.append({"split": job.split, "source": task.source, "kind": kind, "reason": reason})
+            if result.record is None:
+                skipped.append(Skipped(job.split, task.source, result.kind, result.reason).to_json())
+            else:
+                writer.write(result.record)
+                if folds is not None:
+                    folds.append(task.fold)
+                if result.num_events is not None:
+                    events = events or {"num_events": 0, "num_clips_without_events": 0}
+                    events["num_events"] += result.num_events
+                    events["num_clips_without_events"] += result.num_events == 0
+                state["total_frames"] += result.num_frames
+                state["num_samples"] += result.num_samples
+            if on_clip is not None:
+                on_clip()
+        size = writer.commit()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    state = {
+        **state,
+        "num_records": writer.num_records,
+        "bytes": size,
+        "sha256": shards.sha256_file(writer.path),
+        "skipped": skipped,
+        "notes": notes,
+    }
+    if folds is not None:
+        state["folds"] = folds
+    if events is not None:
+        state["events"] = events
+    state["config_digest"] = job.config_digest
+    shards.write_json(out / shards.PROGRESS_DIR / job.split / (job.name + shards.DONE_SUFFIX), state)
+    return state
+
+
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(loaders: dict, frontend: Frontend, num_classes: int, in_process: bool = False) -> None:
+def _init_worker(
+    loaders: dict, frontend: Frontend, num_classes: int, in_process: bool = False, halt=None, clips=None
+) -> None:
     import jax
 
     if not in_process:
-        # Ctrl-C reaches the whole process group: the main process alone decides when to stop (between
-        # clips), then shuts the pool down; a worker killed mid-job would only break the pool.
+        # Ctrl-C reaches the whole process group: the main process alone decides when to stop (it sets
+        # `halt`, which every worker checks between clips), then shuts the pool down; a worker killed mid-job
+        # would only break the pool.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         jax.config.update("jax_platforms", "cpu")
-    _WORKER.update(loaders=loaders, frontend=frontend, num_classes=num_classes)
+    _WORKER.update(loaders=loaders, frontend=frontend, num_classes=num_classes, halt=halt, clips=clips)
 
 
-def _work(split: str, tasks: Sequence[ClipTask]) -> list[ClipResult]:
-    loader, frontend = _WORKER["loaders"][split], _WORKER["frontend"]
-    return [process_clip(t, loader, frontend, _WORKER["num_classes"]) for t in tasks]
+def _count_clip() -> None:
+    clips = _WORKER["clips"]
+    with clips.get_lock():
+        clips.value += 1
+
+
+def _shard_work(out: str, job: ShardJob) -> dict | None:
+    """A worker process writes one whole shard; None when the main process halted the run."""
+    loader, frontend = _WORKER["loaders"][job.split], _WORKER["frontend"]
+    try:
+        return write_shard(
+            Path(out), job, loader, frontend, _WORKER["num_classes"], _WORKER["halt"], _count_clip
+        )
+    except Interrupted:
+        return None
 
 
 @contextlib.contextmanager
@@ -185,7 +286,9 @@ def _worker_environment():
 
 
 class Runner:
-    """Runs clips in this process (workers <= 1) or in spawned processes; results come back in task order.
+    """Writes shards in this process (workers <= 1) or in spawned worker processes, each of which computes
+    and writes whole shards itself (ShardJob -> write_shard); this process only hands out shards and collects
+    their .done.json states, so it is never the bottleneck.
 
     Started lazily (a resumed run with nothing left to do spawns nothing); use as a context manager.
     """
@@ -196,6 +299,7 @@ class Runner:
         self._stack = contextlib.ExitStack()
         self._pool = None
         self._started = False
+        self._halt = self._clips = None
 
     def __enter__(self):
         return self
@@ -207,34 +311,74 @@ class Runner:
             _init_worker(*self._init, in_process=True)
             return
         self._stack.enter_context(_worker_environment())  # inherited by the spawned workers
+        context = multiprocessing.get_context("spawn")
+        self._halt = context.Event()  # set by this process: every worker drops its shard at the next clip
+        self._clips = context.Value("q", 0)  # clips done by all workers (the progress bar)
         self._pool = self._stack.enter_context(
             concurrent.futures.ProcessPoolExecutor(
                 self.workers,
-                mp_context=multiprocessing.get_context("spawn"),
+                mp_context=context,
                 initializer=_init_worker,
-                initargs=self._init,
+                initargs=(*self._init, False, self._halt, self._clips),
             )
         )
 
-    def map(self, split: str, tasks: Sequence[ClipTask]) -> Iterator[ClipResult]:
+    def run(
+        self,
+        out: Path,
+        jobs: Sequence[ShardJob],
+        stop=None,
+        on_clips: Callable[[int], None] | None = None,
+    ) -> Iterator[tuple[ShardJob, dict]]:
+        """Write every shard of `jobs`; yields (job, its .done.json state) as shards finish (in `jobs` order
+        with one worker, in completion order with several: each shard's bytes do not depend on it).
+
+        stop: a threading.Event (SIGINT) checked between clips; once set, the shards being written are dropped
+        and Interrupted is raised. on_clips(n): n more clips are done (progress). An error in one shard (a
+        LoaderContractError) stops the others and is raised here.
+        """
+        if not jobs:
+            return
         if not self._started:
             self._start()
         if self._pool is None:
             import jax
 
             cpu = jax.devices("cpu")[0]  # the same numbers as the CPU workers, whatever the default backend
-            for task in tasks:
+            loaders, frontend, num_classes = self._init
+            count = (lambda: on_clips(1)) if on_clips is not None else None
+            for job in jobs:
                 with jax.default_device(cpu):
-                    result = _work(split, [task])[0]
-                yield result
+                    state = write_shard(out, job, loaders[job.split], frontend, num_classes, stop, count)
+                yield job, state
             return
-        pending = deque()
-        for i in range(0, len(tasks), TASKS_PER_SUBMIT):
-            pending.append(self._pool.submit(_work, split, tasks[i : i + TASKS_PER_SUBMIT]))
-            if len(pending) >= self.workers * JOBS_IN_FLIGHT_PER_WORKER:
-                yield from pending.popleft().result()
-        while pending:
-            yield from pending.popleft().result()
+        order = {id(job): k for k, job in enumerate(jobs)}
+        futures = {self._pool.submit(_shard_work, str(out), job): job for job in jobs}
+        pending, seen, finished = set(futures), self._clips.value, False
+        try:
+            while pending:
+                done, pending = concurrent.futures.wait(
+                    pending, timeout=POLL_SECONDS, return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                clips = self._clips.value
+                if on_clips is not None and clips > seen:
+                    on_clips(clips - seen)
+                seen = clips
+                if stop is not None and stop.is_set():
+                    raise Interrupted()
+                for future in sorted(done, key=lambda f: order[id(futures[f])]):
+                    state = future.result()  # a worker's error is raised here
+                    if state is None:  # halted: only after this process set the flag
+                        raise Interrupted()
+                    yield futures[future], state
+            finished = True
+        finally:
+            if (
+                not finished
+            ):  # Ctrl-C, an error, or the caller stopped: running shards stop at their next clip
+                self._halt.set()
+                for future in pending:
+                    future.cancel()
 
     def __exit__(self, *exc):
         if self._pool is not None:
