@@ -16,9 +16,11 @@ venv:
 	$(PY) -m pip install -qq --upgrade pip
 	$(PY) -m pip install -qq -e '.[dev]'
 
-# The test environment: the above plus torch (CPU) for the *.pt checkpoint tests.
+# The test environment: the above plus torch (CPU) for the *.pt checkpoint tests and libtpu (the `tpu`
+# extra) for the TPU compile-check test.
 venv-test: venv
 	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -qq '$(TORCH)'
+	$(PY) -c 'import libtpu' 2>/dev/null || $(PY) -m pip install -qq -e '.[tpu]'
 
 # The main job on the embedded synthetic dataset: prepare spectrogram shards, pretrain the tiny BAT on them
 # (256-frame crops so that 2 CPU cores finish in minutes), print the first and last loss, the workdir and the

@@ -20,6 +20,8 @@ SUBCOMMANDS = {
     "verify": "bat_jax.data.verify",
     "pretrain": "bat_jax.train.cli",
     "probe": "bat_jax.probe.cli",
+    "launch": "bat_jax.launch.cli",
+    "compile-check": "bat_jax.train.compile_cli",
 }
 
 

@@ -1,0 +1,81 @@
+"""`bat-jax compile-check` (issue 9 §1): the tiny pretraining config compiled for the smallest v5p slice (4
+chips) on this CPU machine through libtpu's compile-only client; the report's figures; a step that does not
+fit is refused with a sentence naming the chip, the need, the excess and what to try; a topology libtpu does
+not know is one line, exit 2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bat_jax.train import compile_check as cc
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = str(REPO / "configs" / "pretrain" / "tiny.py")
+
+
+def _run(*args) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # no simulated CPU devices needed
+    return subprocess.run(
+        [sys.executable, "-m", "bat_jax.cli", "compile-check", "--config", TINY, *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_tiny_config_compiles_for_four_v5p_chips():
+    out = _run("--topology", "v5p:2x2x1", "--json", "--config.data.global_batch_size=8")
+    assert out.returncode == 0, out.stderr[-3000:]
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    assert row["chips"] == 4 and row["device_kind"] == "TPU v5" and row["mesh"] == {"data": 4, "fsdp": 1}
+    assert row["global_batch"] == 8 and row["clips_per_chip"] == 2 and row["views"] == 4
+    assert row["hbm_bytes"] == 95 * 2**30 and row["fits"] is True
+    # the state (params, teacher, Adam moments) is an argument of the step and aliased to its output
+    assert 0 < row["alias_bytes"] <= row["argument_bytes"] and row["temp_bytes"] > 0
+    assert row["total_bytes"] == (
+        row["argument_bytes"]
+        + row["output_bytes"]
+        + row["temp_bytes"]
+        + row["code_bytes"]
+        - row["alias_bytes"]
+    )
+    # XLA's FLOPs of one chip: about a quarter of the model FLOPs of the global batch (backward = 2 forwards
+    # in the model count; XLA counts what it compiled, remat and the teacher included)
+    assert 0.1 < row["xla_flops_per_chip"] * 4 / row["model_flops"] < 3, row
+    assert row["compile_s"] > 0
+
+
+def _report(**kw) -> cc.Report:
+    base = dict(
+        topology="v5e:2x2", device_kind="TPU v5 lite", chips=4, mesh={"data": 4, "fsdp": 1}, global_batch=64,
+        clips_per_chip=16, micro_batches=1, views=16, remat="none", argument_bytes=3 * 2**30,
+        output_bytes=3 * 2**30, temp_bytes=15 * 2**30, alias_bytes=3 * 2**30, code_bytes=2**20,
+        hbm_bytes=cc.hbm_bytes("TPU v5 lite"), xla_flops_per_chip=1e12, model_flops=4e12, compile_s=1.0,
+    )  # fmt: skip
+    base.update(kw)
+    return cc.Report(**base)
+
+
+def test_a_step_over_hbm_is_refused_naming_the_chip_the_excess_and_what_to_try():
+    r = _report()
+    assert r.total_bytes == 18 * 2**30 + 2**20 and r.fits is False
+    with pytest.raises(cc.DoesNotFit) as e:
+        cc.check_fits(r)
+    msg = str(e.value)
+    assert "18.00 GiB per TPU v5 lite chip, which has 16.00 GiB HBM (2.00 GiB over)" in msg
+    assert "--config.mesh.shape.fsdp=2" in msg and "remat_policy=full" in msg
+    assert "--config.train.micro_batches=2" in msg and "global_batch_size (now 64)" in msg
+    cc.check_fits(_report(temp_bytes=2**30))  # fits: nothing raised
+    assert _report(device_kind="TPU v9", hbm_bytes=None).fits is None
+
+
+def test_unknown_topology_is_one_line_exit_2():
+    out = _run("--topology", "v5p-2x2x1")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "bat-jax compile-check: error: --topology: expected a TPU topology like v5p:2x2x1 or v5e:4x4 "
+        "(generation:chips per axis), found 'v5p-2x2x1'"
+    ]
