@@ -494,9 +494,19 @@ def test_sigint_in_process_stops_between_clips_and_drops_the_open_shard(tmp_path
         [sources.SplitPlan("train", tasks, [], _interrupting_loader, "d6")],
     )
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        prepare.prepare(plan, out, BAT, clips_per_shard=2, progress=False)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+    # A handler of the caller's (like Python's own, Ctrl-C raises KeyboardInterrupt), whatever an earlier test
+    # in this worker left installed: prepare must put exactly it back. The original returns at the end.
+    def callers(signum, frame):
+        raise KeyboardInterrupt
+
+    original = signal.signal(signal.SIGINT, callers)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prepare.prepare(plan, out, BAT, clips_per_shard=2, progress=False)
+        assert signal.getsignal(signal.SIGINT) is callers  # restored
+    finally:
+        signal.signal(signal.SIGINT, original)
     assert [p.name for p in _done_files(out)] == ["train-00000-of-00003.arrayrecord" + shards.DONE_SUFFIX]
     assert sorted(p.name for p in (out / "train").iterdir()) == ["train-00000-of-00003.arrayrecord"]
     assert not (out / "manifest.json").exists()
