@@ -84,8 +84,8 @@ def test_probe_gradients_equal_the_dense_formulation(name):
     def ours(params):
         return probe.apply({"params": params}, cls, patches)
 
-    np.testing.assert_allclose(ours(params), dense_logits(params), rtol=RTOL, atol=ATOL)
-    target = jax.random.normal(jax.random.key(4), ours(params).shape)
-    g_ours = jax.grad(lambda q: jnp.sum(ours(q) * target))(params)
-    g_dense = jax.grad(lambda q: jnp.sum(dense_logits(q) * target))(params)
+    np.testing.assert_allclose(jax.jit(ours)(params), jax.jit(dense_logits)(params), rtol=RTOL, atol=ATOL)
+    target = jax.random.normal(jax.random.key(4), jax.eval_shape(ours, params).shape)
+    g_ours = jax.jit(jax.grad(lambda q: jnp.sum(ours(q) * target)))(params)
+    g_dense = jax.jit(jax.grad(lambda q: jnp.sum(dense_logits(q) * target)))(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=ATOL), g_ours, g_dense)
