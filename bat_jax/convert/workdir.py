@@ -9,6 +9,7 @@ with `load_workdir`, the student's decoder with `load_workdir_decoder` (train.in
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,9 @@ def _restore(path: Path, step: int, keys: tuple[str, ...]) -> Any:
 
     state_dir = (path / CHECKPOINTS / str(step) / "state").absolute()
     checkpointer = ocp.PyTreeCheckpointer()
+    quiet = _NoItemMetadataWarning()
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(quiet)
     try:
         node = checkpointer.metadata(state_dir).item_metadata.tree
         for key in keys:
@@ -102,9 +106,18 @@ def _restore(path: Path, step: int, keys: tuple[str, ...]) -> Any:
         ) from e
     finally:
         checkpointer.close()
+        absl_logger.removeFilter(quiet)
     for key in keys:
         restored = restored[key]
     return restored
+
+
+class _NoItemMetadataWarning(logging.Filter):
+    """Drops Orbax's "Metadata file does not exist" for the state item read alone: a CheckpointManager writes
+    that file for the whole step, one folder up, so an item restored by itself never has one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Metadata file does not exist")
 
 
 def _numpy_restore_args(tree: Any, ocp) -> Any:
