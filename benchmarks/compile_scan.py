@@ -59,7 +59,11 @@ class Scan(nn.Module):
     @nn.compact
     def __call__(self, x):
         scanned = nn.scan(
-            _ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.depth
+            _ScanBlock,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=self.depth,
+            metadata_params={nn.PARTITION_NAME: "layers"},  # the stacked axis of the boxed parameters
         )(self.dim, self.heads, self.dtype, name="blocks")
         _, outs = scanned(x, None)
         return outs  # [L, B, N, D]
