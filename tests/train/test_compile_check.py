@@ -95,3 +95,19 @@ def test_unknown_topology_is_one_line_exit_2():
         "bat-jax compile-check: error: --topology: expected a TPU topology like v5p:2x2x1 or v5e:4x4 "
         "(generation:chips per axis), found 'v5p-2x2x1'"
     ]
+
+
+def test_a_mesh_that_splits_the_slices_physical_axes_is_laid_out():
+    """fsdp 8 on a 4x4x4 v5p slice: no mesh axis is a product of the physical axes (4, 4, 4); the mesh is
+    laid out with a physical axis split between data and fsdp (jax.make_mesh alone raises)."""
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from bat_jax.train import mesh as mesh_lib
+    from bat_jax.train.config import load
+
+    devices = cc.topology_devices("v5p:4x4x4")
+    cfg = load(TINY)
+    cfg.mesh.shape.fsdp = 8
+    cfg.data.global_batch_size = 64
+    mesh = mesh_lib.make_mesh(cfg, devices)
+    assert dict(mesh.shape) == {"data": 8, "fsdp": 8}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
