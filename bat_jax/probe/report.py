@@ -1,15 +1,7 @@
 """Drawing CGP's learned layer gates (PAPER.md §4) from probe workdirs; the reading and the tables are in
 `bat_jax.probe.runs`, re-exported here so that `report` is the one module a notebook imports.
 
-A probe workdir (`bat-jax probe --workdir DIR`) holds:
-  metrics.json        {"<probe>": {"test": {...}, "best_validation": {...}}}, with K folds
-                      {"<probe>": {"folds": {"<fold>": {...}}, "test": {<means and stds>}}}
-  gates.json          {"<probe>": [w_1, ..., w_L] or {"<fold>": [w_1, ..., w_L], ...}} for the gated probes
-                      (cgp*, lcgp): the convex gate alpha = softmax(a), one weight per encoder block
-  per_layer_lp.json   optional: {"metric": "map" | "accuracy", "values": [v_1, ..., v_L]}, a linear probe
-                      on each block's CLS token alone (the paper's Figure 4 view)
-  config.json         optional here: the probe config (encoder.path, data.root, probes, task, ...)
-Sweep members are separate probe keys "<probe>@<member>", e.g. "cgp@lr=0.0003,seed=1".
+The workdir's files and their checks: `bat_jax.probe.runs`.
 
     run = read_run("runs/bat_esc50")              # ProbeRun, every file checked
     plot_gates(run.gates, run.per_layer)          # one panel per gated probe, bars over layers 1..L

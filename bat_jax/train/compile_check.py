@@ -133,13 +133,6 @@ def compile_check(cfg: ml_collections.ConfigDict, topology: str, devices: list[A
         rules = mesh_lib.logical_rules(cfg)
     except ValueError as e:
         raise CompileCheckError(f"{topology} ({len(devices)} chips): {e}") from None
-    except NotImplementedError as e:  # jax.make_mesh: a mesh axis that is no product of the slice's axes
-        shape = dict(zip(mesh_lib.AXES, mesh_lib.mesh_shape(cfg, len(devices)), strict=True))
-        raise CompileCheckError(
-            f"{topology} ({len(devices)} chips): the mesh {shape} does not lay onto the slice: each mesh "
-            f"axis must be a product of some of the slice's axis sizes ({topology.split(':')[1]}); choose "
-            f"mesh.shape.fsdp accordingly (jax: {str(e).split('.')[0]})"
-        ) from None
     micro = mesh_lib.micro_batches(cfg)
     batch = int(cfg.data.global_batch_size)
     state, shardings = sharded.abstract_state(ssl, tx, mesh, rules)

@@ -7,6 +7,7 @@ import pytest
 
 from bat_jax.data import pipeline
 from benchmarks import pretrain as bench
+from tests.train.small_config import write_small_config
 
 
 def test_parse_mesh():
@@ -63,29 +64,14 @@ def test_timed_next_times_every_call_and_puts_the_method_back():
         pipeline.PretrainLoader.__next__ = original
 
 
-# the tiny config cut to 1 encoder block, 1 decoder block and 2 views: the same job, a faster compile
-SMALL = """\
-from bat_jax.train.config import load
-
-
-def get_config():
-    c = load({tiny!r})
-    c.encoder.overrides.depth = 1
-    c.ssl.decoder_depth = 1
-    c.ssl.num_views = 2
-    return c
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", [None, (4, 2)], ids=["1-device", "4x2"])
 def test_smoke_run(mesh, tmp_path):
     """2 job steps (the first, excluded, then 1 steady) and 1 bare step on 64-frame clips; in-process (the
     suite's 8 simulated devices)."""
-    small = tmp_path / "small.py"
-    small.write_text(SMALL.format(tiny=bench.TINY))
+    small = write_small_config(tmp_path)
     args = bench.parse_args(
-        ["--config", str(small), "--steps", "2", "--log-every", "1", "--rounds", "1", "--clips", "16",
+        ["--config", small, "--steps", "2", "--log-every", "1", "--rounds", "1", "--clips", "16",
          "--breakdown", "--breakdown-batches", "1"]
     )  # fmt: skip
     result = bench.run_one(args, 64, mesh)

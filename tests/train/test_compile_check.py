@@ -12,23 +12,10 @@ from pathlib import Path
 import pytest
 
 from bat_jax.train import compile_check as cc
+from tests.train.small_config import write_small_config
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "pretrain" / "tiny.py")
-
-
-# configs/pretrain/tiny.py cut to 1 encoder block, 1 decoder block and 2 views: the same job, a faster compile
-SMALL = """\
-from bat_jax.train.config import load
-
-
-def get_config():
-    c = load({tiny!r})
-    c.encoder.overrides.depth = 1
-    c.ssl.decoder_depth = 1
-    c.ssl.num_views = 2
-    return c
-"""
 
 
 def _run(*args, config: str = TINY) -> subprocess.CompletedProcess:
@@ -41,9 +28,8 @@ def _run(*args, config: str = TINY) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_tiny_config_compiles_for_four_v5p_chips(tmp_path):
-    small = tmp_path / "small.py"
-    small.write_text(SMALL.format(tiny=TINY))
-    out = _run("--topology", "v5p:2x2x1", "--json", "--config.data.global_batch_size=8", config=str(small))
+    small = write_small_config(tmp_path)
+    out = _run("--topology", "v5p:2x2x1", "--json", "--config.data.global_batch_size=8", config=small)
     assert out.returncode == 0, out.stderr[-3000:]
     row = json.loads(out.stdout.strip().splitlines()[-1])
     assert row["chips"] == 4 and row["device_kind"] == "TPU v5" and row["mesh"] == {"data": 4, "fsdp": 1}

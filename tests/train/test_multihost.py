@@ -25,6 +25,7 @@ import pytest
 from bat_jax import cli
 from bat_jax.train import distributed
 from bat_jax.train.metrics import read_metrics
+from tests.train.small_config import write_small_config
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "pretrain" / "tiny.py")
@@ -32,26 +33,11 @@ WORKER = str(Path(__file__).with_name("multihost_worker.py"))
 PROCESSES = 2
 TIMEOUT = 400  # seconds for one launch of both processes (2 busy cores)
 
-# configs/pretrain/tiny.py made smaller: the same job, ~20% less CPU time per launch.
-SMALL = """\
-from bat_jax.train.config import load
-
-
-def get_config():
-    c = load({tiny!r})
-    c.encoder.overrides.depth = 1
-    c.ssl.decoder_depth = 1
-    c.ssl.num_views = 2
-    return c
-"""
-
 
 @pytest.fixture(scope="module")
 def small_config(tmp_path_factory) -> str:
     """A config file: the tiny config with 1 encoder block, 1 decoder block and 2 views."""
-    path = tmp_path_factory.mktemp("config") / "small.py"
-    path.write_text(SMALL.format(tiny=TINY))
-    return str(path)
+    return write_small_config(tmp_path_factory.mktemp("config"))
 
 
 @pytest.fixture(scope="module")
