@@ -15,6 +15,8 @@ alternate the sets, each timing `--iters` steps after one warm-up step, so that 
 one sitting. Reported per set: the median, min and max seconds per step over every timed step, the jit
 cache size (stays 1: one batch shape) and the ratio of each set's median to the first set's.
 ``--forward`` also times the frozen encoder forward alone (jitted), the floor under every probe step.
+``--xla-options default`` compiles with XLA's own options instead of the job's (`bat_jax.models.xla_options`:
+on CPU no YNNPACK fusions).
 Run as a script it re-executes itself with glibc malloc asking for transparent huge pages, as
 `bat-jax probe` does (`bat_jax/train/hostmem.py`; ``--host-malloc system`` keeps glibc's defaults).
 """
@@ -30,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bat_jax.models import xla_options
 from bat_jax.models.config import PRESETS
 from bat_jax.models.encoder import FrozenEncoder
 from bat_jax.probe import heads as heads_lib
@@ -58,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="rounds alternating the probe sets")
     p.add_argument("--forward", action="store_true", help="also time the frozen encoder forward alone")
     p.add_argument(
+        "--xla-options",
+        choices=["inference", "default"],
+        default="inference",
+        help="inference: the job's compile options (bat_jax.models.xla_options); default: XLA's own",
+    )
+    p.add_argument(
         "--host-malloc",
         choices=hostmem.CHOICES,
         default="hugepages",
@@ -85,6 +94,11 @@ def make_batch(args: argparse.Namespace, n_mels: int) -> dict[str, jax.Array]:
     return {"spec": jnp.asarray(spec), "labels": jnp.asarray(labels)}
 
 
+def compiler_options(args: argparse.Namespace) -> dict | None:
+    """The XLA compile options `--xla-options` names ({} = XLA's defaults)."""
+    return xla_options.inference() if args.xla_options == "inference" else {}
+
+
 class ProbeSet:
     """One probe set's state and jitted step, compiled ahead of time."""
 
@@ -97,7 +111,9 @@ class ProbeSet:
         self.state = step_lib.init_state(heads, tx, heads_lib.members(cfg))
         self.n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
         loss = heads_lib.loss_fn(args.loss)
-        self.step = step_lib.jit_train_step(step_lib.encoder_forward(c), heads, tx, loss, cfg)
+        self.step = step_lib.jit_train_step(
+            step_lib.encoder_forward(c), heads, tx, loss, cfg, compiler_options=compiler_options(args)
+        )
         t0 = time.perf_counter()
         self.step.lower(self.state, enc.params, batch).compile()  # the jitted call reuses the executable
         self.compile_s = time.perf_counter() - t0
@@ -134,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     forward, fwd_times = None, []
     if args.forward:
-        forward = jax.jit(step_lib.encoder_forward(enc_cfg))
+        forward = jax.jit(step_lib.encoder_forward(enc_cfg), compiler_options=compiler_options(args))
         jax.block_until_ready(forward(enc.params, batch["spec"]))  # compile + warm-up
 
     losses = {}
@@ -159,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
         "prototypes": args.prototypes,
         "loss": args.loss,
         "dropout": args.dropout,
+        "xla_options": compiler_options(args),
         "iters_x_rounds": [args.iters, args.rounds],
         "device": f"{dev.platform}: {dev.device_kind} x{jax.device_count()}",
         "host_malloc": hostmem.active(),

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from bat_jax.models import xla_options
 from bat_jax.probe.heads import ProbeConfigError
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -136,7 +137,7 @@ def build(cache: FeatureCache, loader, forward, encoder_params, say) -> float:
     """Fill `cache` from an evaluation loader over the training clips (record order, padded last batch);
     returns the seconds it took."""
     start = time.perf_counter()
-    encode = jax.jit(forward)
+    encode = jax.jit(forward, compiler_options=xla_options.inference())
     row = 0
     for batch in loader:
         cls, patches = jax.device_get(encode(encoder_params, batch["spec"]))

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from bat_jax.models import xla_options
 from bat_jax.models.config import EncoderConfig
 from bat_jax.models.encoder import BatEncoder
 from bat_jax.models.probes import init_params
@@ -187,15 +188,25 @@ def train_step_fn(
 
 
 def jit_train_step(
-    forward: Forward, heads, tx, loss, cfg, out_sharding=None, frame_loss=None, patch_frames=16
+    forward: Forward,
+    heads,
+    tx,
+    loss,
+    cfg,
+    out_sharding=None,
+    frame_loss=None,
+    patch_frames=16,
+    compiler_options=None,
 ):
     """`train_step_fn` jitted, the state donated. `out_sharding` (e.g. replicated over the mesh) fixes the
     new state's placement: left to the partitioner, a leaf may come out sharded like the batch, and the
-    next call, given another input sharding, would compile again."""
+    next call, given another input sharding, would compile again. `compiler_options`: XLA's; None means
+    `xla_options.inference()` (on CPU: no YNNPACK fusions, faster for these steps), {} XLA's defaults."""
     return jax.jit(
         train_step_fn(forward, heads, tx, loss, cfg, frame_loss, patch_frames),
         donate_argnums=(0,),
         out_shardings=out_sharding,
+        compiler_options=xla_options.inference() if compiler_options is None else compiler_options,
     )
 
 
@@ -216,8 +227,10 @@ def eval_step_fn(
     return probe_eval_step
 
 
-def jit_eval_step(forward: Forward, heads):
-    return jax.jit(eval_step_fn(forward, heads))
+def jit_eval_step(forward: Forward, heads, compiler_options=None):
+    """`eval_step_fn` jitted; `compiler_options` as `jit_train_step`'s."""
+    options = xla_options.inference() if compiler_options is None else compiler_options
+    return jax.jit(eval_step_fn(forward, heads), compiler_options=options)
 
 
 def gates(params: PyTree, names: list[str]) -> dict[str, Array]:
