@@ -49,6 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=2, help="timed steps after one warm-up step")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="computation dtype")
     p.add_argument("--remat", default="none", help="none, full or a jax.checkpoint_policies name")
+    p.add_argument(
+        "--scan-blocks",
+        action="store_true",
+        help="the encoder's blocks as one lax.scan (EncoderConfig.scan_blocks)",
+    )
     p.add_argument("--matmul", type=int, default=4096, help="side of the square reference matmul (0: skip)")
     p.add_argument("--dim", type=int, default=None, help="encoder width (default: the size's)")
     p.add_argument("--depth", type=int, default=None, help="encoder blocks (default: the size's)")
@@ -73,7 +78,9 @@ def make_config(size: str, args: argparse.Namespace) -> ssl_objective.SSLConfig:
     cfg = train_config.ssl_preset(SIZES[size], num_views=views, frames=frames)
     arch = {"dim": args.dim, "depth": args.depth, "num_heads": args.heads}
     arch = {k: v for k, v in arch.items() if v is not None}
-    encoder = cfg.encoder.replace(dtype=args.dtype, param_dtype="float32", remat_policy=args.remat, **arch)
+    encoder = cfg.encoder.replace(
+        dtype=args.dtype, param_dtype="float32", remat_policy=args.remat, scan_blocks=args.scan_blocks, **arch
+    )
     dec = {"decoder_depth": args.decoder_depth, "decoder_heads": args.heads}
     return cfg.replace(encoder=encoder, **{k: v for k, v in dec.items() if v is not None})
 
@@ -133,6 +140,7 @@ def bench(size: str, args: argparse.Namespace, peak: float | None) -> dict:
         "frames": cfg.frames,
         "dtype": args.dtype,
         "remat": args.remat,
+        "scan_blocks": args.scan_blocks,
         "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind} x{jax.device_count()}",
         "host_malloc": hostmem.active(),
         "init_s": round(init_s, 2),

@@ -134,19 +134,41 @@ class BatEncoder(nn.Module):
             )
         return jnp.asarray(sincos_2d(cfg.dim, cfg.pos_grid)[:num_tokens], jnp.dtype(cfg.dtype))
 
-    def encode_sequence(self, x: Array) -> Array:
-        """Tokens with positions [B, N, D] → every block's output [L, B, 1 + N, D] (CLS first)."""
+    def encode_sequence(self, x: Array, every_layer: bool = True) -> Array:
+        """Tokens with positions [B, N, D] → every block's output [L, B, 1 + N, D] (CLS first); without
+        `every_layer` the last block's only, [1, B, 1 + N, D]."""
         batch = x.shape[0]
         cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (batch, 1, self.config.dim))  # [B, 1, D]
         x = jnp.concatenate([cls, x], axis=1)  # [B, 1 + N, D]
         if self.config.pre_norm:
             x = self.pre_norm(x)
         x = nn.with_logical_constraint(x, ACT_TOKENS)
-        hidden = []
-        for block in self.blocks:
-            x = block(x)
-            hidden.append(x)
-        return jnp.stack(hidden)  # [L, B, 1 + N, D]
+        return self.run_blocks(x, every_layer)
+
+    def run_blocks(self, x: Array, every_layer: bool = True) -> Array:
+        """[B, N, D] → every block's output [L, B, N, D] (the last one only, [1, B, N, D], without
+        `every_layer`): a Python loop over the blocks, or with
+        `scan_blocks` one `jax.lax.scan` of a block over their parameters stacked on the fly (the parameter
+        tree keeps its `blocks_i` layout for checkpoints, conversion and the EMA teacher; the stack is a copy
+        per call, its gradient a slice). The loop runs at init and when intermediates are captured (the
+        teacher's per-block MLP outputs), which need the bound blocks."""
+        cfg = self.config
+        if not cfg.scan_blocks or self.is_initializing() or self.is_mutable_collection("intermediates"):
+            hidden = []
+            for block in self.blocks:
+                x = block(x)
+                hidden.append(x)
+            return jnp.stack(hidden if every_layer else hidden[-1:])  # [L or 1, B, N, D]
+        params = self.variables["params"]
+        stacked = jax.tree.map(lambda *p: jnp.stack(p), *(params[f"blocks_{i}"] for i in range(cfg.depth)))
+        block = self.blocks[0].clone(parent=None, name=None)  # unbound: applied to each block's params
+
+        def body(h: Array, block_params: Any) -> tuple[Array, Array | None]:
+            h = block.apply({"params": block_params}, h)
+            return h, (h if every_layer else None)
+
+        last, hidden = jax.lax.scan(body, x, stacked)
+        return hidden if every_layer else last[None]  # [L or 1, B, N, D]
 
     def encode_chunk(self, tokens: Array) -> EncoderOutput:
         """Patch tokens of one chunk [b, t, F', D] (t ≤ chunk) → cls [L, b, D], patches [L, b, t, F', D]."""

@@ -168,7 +168,7 @@ def _masked_student(module: BatEncoder, spec: Array, ids_keep: Array, num_views:
     ids = ids_keep.reshape(b, num_views, -1)  # [B, V, K] (rows are clip-major)
     # A gather batched over clips (shards with the batch): each clip's tokens are read by its V views.
     x = jax.vmap(lambda tokens, idx: tokens[idx])(x, ids)  # [B, V, K, D]
-    last = module.encode_sequence(x.reshape(b * num_views, -1, d))[-1]  # [B·V, 1 + K, D]
+    last = module.encode_sequence(x.reshape(b * num_views, -1, d), every_layer=False)[0]  # [B·V, 1 + K, D]
     return last[:, 0], last[:, 1:]
 
 
