@@ -16,11 +16,12 @@ venv:
 	$(PY) -m pip install -qq --upgrade pip
 	$(PY) -m pip install -qq -e '.[dev]'
 
-# The test environment: the above plus torch (CPU) for the *.pt checkpoint tests and libtpu (the `tpu`
-# extra) for the TPU compile-check test.
+# The test environment: the above plus torch (CPU) for the *.pt checkpoint tests, libtpu (the `tpu` extra)
+# and JAX's CUDA plugin (the `gpu-compile` extra) for the TPU and GPU compile-check tests.
 venv-test: venv
 	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -qq '$(TORCH)'
 	$(PY) -c 'import libtpu' 2>/dev/null || $(PY) -m pip install -qq -e '.[tpu]'
+	$(PY) -c 'import jax_plugins.xla_cuda12' 2>/dev/null || $(PY) -m pip install -qq -e '.[gpu-compile]'
 
 # The main job on the embedded synthetic dataset: prepare spectrogram shards, pretrain the tiny BAT on them
 # (256-frame crops so that 2 CPU cores finish in minutes), print the first and last loss, the workdir and the

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
+import os
+import re
 import sys
+import tempfile
 
 # subcommand name -> module that defines add_parser(subparsers)
 SUBCOMMANDS = {
@@ -64,6 +68,37 @@ def main(argv: list[str] | None = None) -> int:
 
 # subcommands whose process re-executes itself with bat_jax.train.hostmem's malloc tunables first
 HOST_MALLOC_TUNED = ("pretrain", "probe")
+# What JAX's CUDA plugin (the gpu-compile extra) writes to stderr at every import of JAX on a machine without
+# a GPU, before any logging is set up; nothing a bat-jax user needs to see (no GPU is used then anyway).
+CUDA_PLUGIN_NOISE = re.compile(
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR\n?"
+    r"|I\d{4} [^\n]*cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine, "
+    r"GPU will not be used\.\n?"
+)
+
+
+def import_jax_without_plugin_noise() -> None:
+    """Import JAX and register its plugins with file descriptor 2 caught, then write back what they said but
+    CUDA_PLUGIN_NOISE; only when JAX's CUDA plugin is installed (otherwise JAX stays unimported: `bat-jax
+    --help` stays fast). JAX_PLATFORMS must be final by then: the plugin reads it as it registers."""
+    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None or "jax" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            import jax  # noqa: F401
+            from jax._src import (
+                xla_bridge,
+            )  # the plugin also speaks when JAX registers it (first backend use)
+
+            getattr(xla_bridge, "_discover_and_register_pjrt_plugins", lambda: None)()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            sys.stderr.write(CUDA_PLUGIN_NOISE.sub("", caught.read().decode(errors="replace")))
 
 
 def run() -> None:
@@ -77,6 +112,11 @@ def run() -> None:
         except ValueError as err:  # a bad BAT_JAX_HOST_MALLOC: one line, as the config errors (exit 2)
             print(f"bat-jax {sys.argv[1]}: {err}", file=sys.stderr)
             sys.exit(2)
+    if sys.argv[1:2] == [
+        "compile-check"
+    ]:  # the host backend, before JAX starts: the chips are described only
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import_jax_without_plugin_noise()
     sys.exit(main())
 
 

@@ -1,7 +1,7 @@
 """`bat-jax compile-check` (issue 9 §1): the tiny pretraining config compiled for the smallest v5p slice (4
-chips) on this CPU machine through libtpu's compile-only client; the report's figures; a step that does not
-fit is refused with a sentence naming the chip, the need, the excess and what to try; a topology libtpu does
-not know is one line, exit 2."""
+chips) on this CPU machine through libtpu's compile-only client, and for 2 nodes of 4 H100 through XLA:GPU's
+(JAX's CUDA plugin, no GPU); the report's figures; a step that does not fit is refused with a sentence naming
+the chip, the need, the excess and what to try; a topology neither knows is one line, exit 2."""
 
 import json
 import os
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bat_jax.train import compile_check as cc
+from bat_jax.train import gpu_targets
 from tests.train.small_config import write_small_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,6 +51,58 @@ def test_tiny_config_compiles_for_four_v5p_chips(tmp_path):
     assert row["compile_s"] > 0
 
 
+@pytest.mark.slow
+def test_tiny_config_compiles_for_two_nodes_of_four_h100(tmp_path):
+    small = write_small_config(tmp_path)
+    out = _run("--topology", "h100:2x4", "--json", "--config.data.global_batch_size=16", config=small)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # no libtpu warnings, nor the CUDA plugin's "no CUDA driver" lines (bat_jax.cli drops those)
+    assert out.stderr == ""
+    row = json.loads(out.stdout.strip())
+    assert (
+        row["topology"] == "h100:2x4" and row["chips"] == 8 and row["device_kind"] == "NVIDIA H100 80GB HBM3"
+    )
+    assert row["mesh"] == {"data": 8, "fsdp": 1} and row["clips_per_chip"] == 2
+    assert row["hbm_bytes"] == gpu_targets.CARDS["h100"].memory_bytes and row["fits"] is True
+    assert (
+        row["limit_bytes"] == row["usable_bytes"] == int(0.75 * row["hbm_bytes"])
+    )  # JAX's allocator's share
+    assert 0 < row["alias_bytes"] <= row["argument_bytes"] and row["temp_bytes"] > 0
+    assert row["xla_flops_per_chip"] is None  # XLA:GPU's compile-only executables have no cost analysis
+
+
+@pytest.mark.parametrize(
+    "topology, want",
+    [("h100:8", ("NVIDIA H100 80GB HBM3", 1, 8)), ("A100:4x8", ("NVIDIA A100-SXM4-80GB", 4, 8)),
+     ("h200:1x2", ("NVIDIA H200 141GB HBM3e", 1, 2))],
+)  # fmt: skip
+def test_gpu_topologies_are_cards_nodes_and_gpus_per_node(topology, want):
+    card, nodes, per_node = gpu_targets.parse(topology)
+    assert (card.name, nodes, per_node) == want
+    text = card.target_config()
+    assert (
+        f"device_memory_size: {card.memory_bytes}\n" in text
+        and f'device_description_str: "{card.name}"' in text
+    )
+
+
+@pytest.mark.parametrize("topology", ["h100:", "h100:0", "h100:2x0", "h100:x8", "h100:4x8x2", "h100:eight"])
+def test_a_malformed_gpu_topology_is_one_sentence(topology):
+    with pytest.raises(cc.CompileCheckError, match=r"expected a GPU topology like h100:8 .* found"):
+        cc.topology_devices(topology)
+
+
+def test_gpu_topology_without_the_cuda_plugin_says_what_to_install(monkeypatch):
+    real = cc.importlib.util.find_spec
+    monkeypatch.setattr(
+        cc.importlib.util, "find_spec", lambda name: None if name.startswith("jax_plugins") else real(name)
+    )
+    with pytest.raises(
+        cc.CompileCheckError, match=r"needs JAX's CUDA plugin .*pip install 'bat-jax\[gpu-compile\]'"
+    ):
+        cc.topology_devices("h100:8")
+
+
 def _report(**kw) -> cc.Report:
     base = dict(
         topology="v5e:2x2", device_kind="TPU v5 lite", chips=4, mesh={"data": 4, "fsdp": 1}, global_batch=64,
@@ -79,7 +132,8 @@ def test_unknown_topology_is_one_line_exit_2():
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "bat-jax compile-check: error: --topology: expected a TPU topology like v5p:2x2x1 or v5e:4x4 "
-        "(generation:chips per axis), found 'v5p-2x2x1'"
+        "(generation:chips per axis) or GPUs like h100:8 or h100:4x8 (nodes x GPUs per node), "
+        "found 'v5p-2x2x1'"
     ]
 
 
@@ -97,3 +151,39 @@ def test_a_mesh_that_splits_the_slices_physical_axes_is_laid_out():
     mesh = mesh_lib.make_mesh(cfg, devices)
     assert dict(mesh.shape) == {"data": 8, "fsdp": 8}
     assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+
+
+def test_the_cuda_plugins_no_driver_lines_are_dropped_and_nothing_else():
+    from bat_jax.cli import CUDA_PLUGIN_NOISE
+
+    preamble = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+    stub = "I0000 00:00:1796329067.366570    6631 cudart_stub.cc:31] Could not find cuda drivers on your "
+    stub += "machine, "
+    stub += "GPU will not be used."
+    said = preamble + stub + "\n" + preamble + stub + preamble + "W0000 a real XLA warning\nlibtpu says\n"
+    assert CUDA_PLUGIN_NOISE.sub("", said) == "W0000 a real XLA warning\nlibtpu says\n"
+
+
+def test_on_gpus_the_step_must_fit_the_share_jax_allocates(monkeypatch):
+    """JAX takes XLA_PYTHON_CLIENT_MEM_FRACTION (0.75 by default) of a GPU's memory: a step between that and
+    the whole memory does not fit, and the advice names the variable."""
+    h100 = gpu_targets.CARDS["h100"].name
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    assert cc.usable_bytes(h100) == int(0.75 * cc.hbm_bytes(h100)) and cc.usable_bytes("TPU v5") == 95 * 2**30
+    r = _report(
+        topology="h100:8", device_kind=h100, chips=8, mesh={"data": 8, "fsdp": 1}, temp_bytes=65 * 2**30,
+        hbm_bytes=cc.hbm_bytes(h100), usable_bytes=cc.usable_bytes(h100),
+    )  # fmt: skip
+    assert r.total_bytes < r.hbm_bytes and r.fits is False
+    with pytest.raises(cc.DoesNotFit) as e:
+        cc.check_fits(r)
+    assert "68.00 GiB per NVIDIA H100 80GB HBM3 chip, which has 59.33 GiB usable of 79.11 GiB HBM" in str(
+        e.value
+    )
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 in the job's environment" in str(e.value)
+    assert "59.33 GiB usable (0.75 of 79.11 GiB HBM" in cc.format_report(r)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    assert cc.usable_bytes(h100) == int(0.95 * cc.hbm_bytes(h100))
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.5")
+    with pytest.raises(cc.CompileCheckError, match=r"expected a number in \(0, 1\], found '1.5'"):
+        cc.usable_bytes(h100)
