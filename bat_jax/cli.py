@@ -76,6 +76,12 @@ CUDA_PLUGIN_NOISE = re.compile(
     r"GPU will not be used\.\n?"
 )
 
+CUDA_PLUGIN_UNUSABLE = re.compile(
+    r"Jax plugin configuration error: Exception when calling jax_plugins\.xla_cuda\d+\.initialize\(\)\n"
+    r".*?RuntimeError: Unable to load CUDA\. Is it installed\?\n",
+    re.DOTALL,
+)
+
 
 def import_jax_without_plugin_noise() -> None:
     """Import JAX and register its plugins with file descriptor 2 caught, then write back what they said but
@@ -98,7 +104,10 @@ def import_jax_without_plugin_noise() -> None:
             os.dup2(saved, 2)
             os.close(saved)
             caught.seek(0)
-            sys.stderr.write(CUDA_PLUGIN_NOISE.sub("", caught.read().decode(errors="replace")))
+            said = caught.read().decode(errors="replace")
+            if "Could not find cuda drivers on your machine" in said:  # no GPU here: the plugin cannot load
+                said = CUDA_PLUGIN_UNUSABLE.sub("", said)  # ... and JAX says so with a traceback
+            sys.stderr.write(CUDA_PLUGIN_NOISE.sub("", said))
 
 
 def run() -> None:

@@ -187,3 +187,16 @@ def test_on_gpus_the_step_must_fit_the_share_jax_allocates(monkeypatch):
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.5")
     with pytest.raises(cc.CompileCheckError, match=r"expected a number in \(0, 1\], found '1.5'"):
         cc.usable_bytes(h100)
+
+
+def test_without_a_gpu_the_cuda_plugins_cannot_load_traceback_is_dropped_too():
+    from bat_jax.cli import CUDA_PLUGIN_UNUSABLE
+
+    said = (
+        "Jax plugin configuration error: Exception when calling jax_plugins.xla_cuda12.initialize()\n"
+        "Traceback (most recent call last):\n  File ...\n"
+        "RuntimeError: jaxlib/cuda/versions_helpers.cc:38: ...\n\n"
+        "The above exception was the direct cause of the following exception:\n\nTraceback ...\n"
+        "RuntimeError: Unable to load CUDA. Is it installed?\nW0000 a real warning\n"
+    )
+    assert CUDA_PLUGIN_UNUSABLE.sub("", said) == "W0000 a real warning\n"
