@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import re
 import sys
@@ -87,7 +86,9 @@ def import_jax_without_plugin_noise() -> None:
     """Import JAX and register its plugins with file descriptor 2 caught, then write back what they said but
     CUDA_PLUGIN_NOISE; only when JAX's CUDA plugin is installed (otherwise JAX stays unimported: `bat-jax
     --help` stays fast). JAX_PLATFORMS must be final by then: the plugin reads it as it registers."""
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None or "jax" in sys.modules:
+    from bat_jax.train.gpu_targets import cuda_plugin_installed
+
+    if "jax" in sys.modules or not cuda_plugin_installed():
         return
     sys.stderr.flush()
     saved = os.dup(2)

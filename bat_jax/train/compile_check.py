@@ -24,7 +24,6 @@ settings that would lower it: FSDP over more chips, rematerialisation, micro-bat
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import time
 from typing import Any
@@ -138,7 +137,7 @@ def gpu_devices(topology: str) -> list[Any]:
         card, nodes, per_node = gpu_targets.parse(topology)
     except ValueError as e:
         raise CompileCheckError(str(e)) from None
-    if not any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)):
+    if not gpu_targets.cuda_plugin_installed():
         raise CompileCheckError(
             f"--topology {topology}: compiling for NVIDIA GPUs needs JAX's CUDA plugin (its compile-only "
             "client runs on any machine, no GPU or driver needed): pip install 'bat-jax[gpu-compile]'"

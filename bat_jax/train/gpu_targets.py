@@ -14,6 +14,7 @@ device memory is the HBM the report compares the step's memory against.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 
 
@@ -102,6 +103,13 @@ CARDS = {
     ),
 }
 MEMORY_BYTES = {card.name: card.memory_bytes for card in CARDS.values()}  # by device kind
+
+
+def cuda_plugin_installed() -> bool:
+    """Whether JAX's CUDA plugin (jax-cuda12-plugin or -cuda13) is installed; nothing is imported."""
+    if importlib.util.find_spec("jax_plugins") is None:  # the namespace package: absent without any plugin
+        return False
+    return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None for v in (12, 13))
 
 
 def is_gpu_topology(topology: str) -> bool:
