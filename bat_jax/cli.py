@@ -96,9 +96,9 @@ def import_jax_without_plugin_noise() -> None:
         os.dup2(caught.fileno(), 2)
         try:
             import jax  # noqa: F401
-            from jax._src import (
-                xla_bridge,
-            )  # the plugin also speaks when JAX registers it (first backend use)
+
+            # the plugin speaks again when JAX registers it (otherwise at the first backend use)
+            from jax._src import xla_bridge
 
             getattr(xla_bridge, "_discover_and_register_pjrt_plugins", lambda: None)()
         finally:
@@ -122,9 +122,8 @@ def run() -> None:
         except ValueError as err:  # a bad BAT_JAX_HOST_MALLOC: one line, as the config errors (exit 2)
             print(f"bat-jax {sys.argv[1]}: {err}", file=sys.stderr)
             sys.exit(2)
-    if sys.argv[1:2] == [
-        "compile-check"
-    ]:  # the host backend, before JAX starts: the chips are described only
+    if sys.argv[1:2] == ["compile-check"]:
+        # the host backend, set before JAX starts (the CUDA plugin reads it): the chips are described only
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import_jax_without_plugin_noise()
     sys.exit(main())

@@ -39,9 +39,6 @@ examples:
       --config.encoder.overrides.remat_policy=full
   bat-jax compile-check --config configs/pretrain/bat_base.py --topology h100:4x8 \\
       --config.data.global_batch_size=384
-
-JAX's CUDA plugin prints "Could not find cuda drivers on your machine" when JAX starts on a machine without
-a GPU: expected, compiling needs none.
 """
 
 
@@ -81,11 +78,12 @@ def _quiet_stderr():
 
 
 def run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host backend; the chips are described, not used
-    import jax  # imported already by a subcommand's module: its config read the environment before that line
+    import jax
 
-    # JAX's CUDA plugin registers its compile-only client only when CUDA is not asked for (or on a GPU host)
-    jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
+    # The host backend: the chips are described, not used. `bat-jax` sets it before JAX starts; called as
+    # `bat_jax.cli.main([...])` JAX may have read the environment already, so its config is set too (before
+    # JAX registers the CUDA plugin, which registers its compile-only client only when CUDA is not asked for).
+    jax.config.update("jax_platforms", os.environ.setdefault("JAX_PLATFORMS", "cpu"))
     # libtpu takes a machine-wide lock file (/tmp/libtpu_lockfile) meant for real TPU hosts; compiling only,
     # several processes (two compile-checks, parallel tests) may load it side by side.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
