@@ -96,7 +96,7 @@ def make_batch(args: argparse.Namespace, n_mels: int) -> dict[str, jax.Array]:
 
 def compiler_options(args: argparse.Namespace) -> dict | None:
     """The XLA compile options `--xla-options` names ({} = XLA's defaults)."""
-    return xla_options.inference() if args.xla_options == "inference" else {}
+    return xla_options.inference(encoder_dtype=args.dtype) if args.xla_options == "inference" else {}
 
 
 class ProbeSet:

@@ -248,10 +248,12 @@ def param_count(params: Any) -> int:
 @functools.lru_cache(maxsize=32)
 def jitted_apply(config: EncoderConfig) -> Callable[[Any, Array], EncoderOutput]:
     """`jit(params, spec) -> EncoderOutput` for `config`, shared by every `FrozenEncoder` with an equal
-    config (compiled with `xla_options.inference`: on CPU without YNNPACK fusions, faster for a forward)."""
+    config (compiled with `xla_options.inference` for its dtype: on CPU a float32 forward without YNNPACK
+    fusions, faster there)."""
     module = BatEncoder(config)
     return jax.jit(
-        lambda params, spec: module.apply({"params": params}, spec), compiler_options=xla_options.inference()
+        lambda params, spec: module.apply({"params": params}, spec),
+        compiler_options=xla_options.inference(encoder_dtype=config.dtype),
     )
 
 

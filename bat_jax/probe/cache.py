@@ -133,11 +133,13 @@ def cached_forward(params: Any, spec: dict[str, jax.Array]) -> tuple[jax.Array, 
     return cls, patches
 
 
-def build(cache: FeatureCache, loader, forward, encoder_params, say) -> float:
+def build(cache: FeatureCache, loader, forward, encoder_params, say, compiler_options=None) -> float:
     """Fill `cache` from an evaluation loader over the training clips (record order, padded last batch);
-    returns the seconds it took."""
+    returns the seconds it took. `compiler_options`: the forward's XLA options (None:
+    `xla_options.inference()`, a float32 encoder's)."""
     start = time.perf_counter()
-    encode = jax.jit(forward, compiler_options=xla_options.inference())
+    options = xla_options.inference() if compiler_options is None else compiler_options
+    encode = jax.jit(forward, compiler_options=options)
     row = 0
     for batch in loader:
         cls, patches = jax.device_get(encode(encoder_params, batch["spec"]))

@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bat_jax.data.pipeline import EvalLoader, PretrainLoader
+from bat_jax.models import xla_options
 from bat_jax.probe import cache as cache_lib
 from bat_jax.probe import heads as heads_lib
 from bat_jax.probe import step as step_lib
@@ -117,8 +118,12 @@ def run_probe(
     )
     # with the cache, the same step on cached tokens: no encoder forward
     train_forward = cache_lib.cached_forward if cfg.cache.enabled else forward
-    train = step_lib.jit_train_step(train_forward, heads, tx, **losses)
-    evaluate = step_lib.jit_eval_step(forward, heads)
+    # on CPU: no YNNPACK fusions for a float32 encoder's steps and for the heads on cached tokens; YNNPACK's
+    # bf16 kernels for a bfloat16 encoder's dots (`xla_options`)
+    options = xla_options.inference(encoder_dtype=cfg.encoder.dtype)
+    train_options = xla_options.inference() if cfg.cache.enabled else options
+    train = step_lib.jit_train_step(train_forward, heads, tx, **losses, compiler_options=train_options)
+    evaluate = step_lib.jit_eval_step(forward, heads, compiler_options=options)
     writer = ProbeWriter(workdir)
     total = int(cfg.train.steps) * len(task.evaluations)
     bar = Progress(0, total, enabled=progress)
@@ -314,7 +319,8 @@ class _Run:
             subset.num_clips, enc_cfg.depth, grid, enc_cfg.dim, self.task.num_classes, place, folder,
             frame_patches=grid[0] if self.task.frame_wise else 0,
         )  # fmt: skip
-        cache_lib.build(cache, self._loader(subset, train=False), forward, encoder_params, say)
+        options = xla_options.inference(encoder_dtype=enc_cfg.dtype)
+        cache_lib.build(cache, self._loader(subset, train=False), forward, encoder_params, say, options)
         return cache_lib.CachedBatches(
             cache,
             int(self.cfg.train.batch_size),

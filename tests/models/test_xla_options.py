@@ -1,7 +1,8 @@
-"""Compile options for inference-heavy jitted functions (bat_jax/models/xla_options.py): on CPU the frozen
-encoder's forward and the probe steps compile without YNNPACK fusions (faster there, benchmarks/RESULTS.md)
-and give the same values; a user's own XLA_FLAGS choice, other backends, and an XLA that does not know the
-option leave XLA's defaults."""
+"""Compile options for inference-heavy jitted functions (bat_jax/models/xla_options.py): on CPU a float32
+frozen encoder's forward and the probe steps compile without YNNPACK fusions (faster there,
+benchmarks/RESULTS.md) and give the same values; a bfloat16 encoder's run its dots alone in YNNPACK (its bf16
+kernels); a user's own XLA_FLAGS choice, other backends, and an XLA that does not know the option leave XLA's
+defaults."""
 
 import jax
 import jax.numpy as jnp
@@ -21,16 +22,20 @@ YNN = "%ynn_fusion"  # the name XLA gives a YNNPACK fusion instruction in the co
 @pytest.fixture
 def fresh(monkeypatch):
     """`inference` recomputed (it is cached per process) under the test's environment."""
-    xla_options.inference.cache_clear()
+    xla_options._inference.cache_clear()
     yield monkeypatch
-    xla_options.inference.cache_clear()
+    xla_options._inference.cache_clear()
 
 
 def test_cpu_gets_no_ynn_fusions_unless_the_user_chose(fresh):
     fresh.delenv("XLA_FLAGS", raising=False)
     assert xla_options.inference("cpu") == xla_options.NO_YNN_FUSIONS
     assert xla_options.inference("gpu") is None and xla_options.inference("tpu") is None
-    xla_options.inference.cache_clear()
+    assert xla_options.inference("cpu", encoder_dtype=jnp.float32) == xla_options.NO_YNN_FUSIONS
+    assert xla_options.inference("cpu", encoder_dtype="bfloat16") == xla_options.YNN_DOTS_ONLY
+    assert xla_options.inference("cpu", encoder_dtype=jnp.bfloat16) == xla_options.YNN_DOTS_ONLY
+    assert xla_options.inference("tpu", encoder_dtype=jnp.bfloat16) is None
+    xla_options._inference.cache_clear()
     fresh.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT")
     assert xla_options.inference("cpu") is None  # the user's XLA_FLAGS win
 
@@ -74,3 +79,9 @@ def test_probe_steps_use_the_options_and_an_empty_dict_keeps_defaults():
     assert YNN not in texts["job"] and YNN in texts["xla"]
     evaluate = step_lib.jit_eval_step(forward, heads)
     assert YNN not in evaluate.lower(state.params, enc.params, batch).compile().as_text()
+
+
+def test_a_bfloat16_frozen_forward_runs_its_dots_alone_in_ynnpack():
+    enc = FrozenEncoder.random(PRESETS["tiny"](dtype="bfloat16"))
+    spec = jax.random.normal(jax.random.key(1), (2, 64, enc.config.n_mels))
+    assert YNN in jitted_apply(enc.config).lower(enc.params, spec).compile().as_text()
