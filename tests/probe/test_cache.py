@@ -9,6 +9,7 @@ import pytest
 
 from bat_jax.convert import load_encoder
 from bat_jax.data.pipeline import EvalLoader, shard_paths
+from bat_jax.models import xla_options
 from bat_jax.probe import cache as cache_lib
 from bat_jax.probe import run_probe
 from bat_jax.probe import step as step_lib
@@ -61,6 +62,41 @@ def test_probe_with_the_cache_says_its_size_first_and_runs(tmp_path, setup):
     assert results["cgp"]["test"]["num_examples"] == 8
     gates = json.loads((tmp_path / "run" / "gates.json").read_text())["cgp"]
     assert abs(sum(gates) - 1) < 1e-5
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["recomputed", "cached"])
+def test_a_bfloat16_encoder_compiles_its_forward_with_ynn_dots_and_the_cached_step_as_float32(
+    tmp_path, setup, monkeypatch, cache
+):
+    """The job's compile options (`xla_options.inference`): a bfloat16 encoder's forward (the recomputing
+    step, the evaluation step, the cache's pass) runs its dots in YNNPACK; the step on cached tokens runs no
+    encoder and gets float32's options."""
+    encoder, root = setup
+    seen = {}
+    for name in ("jit_train_step", "jit_eval_step"):
+        original = getattr(step_lib, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            seen[_name] = kwargs.get("compiler_options")
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(step_lib, name, spy)
+    build = cache_lib.build
+
+    def spy_build(cache, loader, forward, encoder_params, say, compiler_options=None):
+        seen["cache"] = compiler_options
+        return build(cache, loader, forward, encoder_params, say, compiler_options)
+
+    monkeypatch.setattr(cache_lib, "build", spy_build)
+    cfg = probe_config(encoder, root, probes="cgp,lp", encoder__dtype="bfloat16")
+    cfg.cache.enabled = cache
+    results = run_probe(cfg, tmp_path / "run", say=lambda line: None)
+    bf16, f32 = xla_options.inference(encoder_dtype="bfloat16"), xla_options.inference()
+    assert bf16 == xla_options.YNN_DOTS_ONLY and f32 == xla_options.NO_YNN_FUSIONS  # on this CPU
+    assert seen["jit_eval_step"] == bf16
+    assert seen["jit_train_step"] == (f32 if cache else bf16)
+    assert seen.get("cache") == (bf16 if cache else None)
+    assert np.isfinite(results["cgp"]["test"]["accuracy"])
 
 
 def test_a_cache_that_fits_nowhere_is_refused_naming_the_figure(tmp_path, monkeypatch):
