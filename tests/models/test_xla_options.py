@@ -81,7 +81,8 @@ def test_probe_steps_use_the_options_and_an_empty_dict_keeps_defaults():
     assert YNN not in evaluate.lower(state.params, enc.params, batch).compile().as_text()
 
 
-def test_a_bfloat16_frozen_forward_runs_its_dots_alone_in_ynnpack():
+def test_a_bfloat16_frozen_forward_runs_dots_in_ynnpack():
+    """(Which options, YNN_DOTS_ONLY, is `test_cpu_gets_no_ynn_fusions_unless_the_user_chose`'s.)"""
     enc = FrozenEncoder.random(PRESETS["tiny"](dtype="bfloat16"))
     spec = jax.random.normal(jax.random.key(1), (2, 64, enc.config.n_mels))
     assert YNN in jitted_apply(enc.config).lower(enc.params, spec).compile().as_text()
