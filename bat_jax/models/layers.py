@@ -142,22 +142,30 @@ def gelu_exact(x: Array) -> Array:
 ATTENTION_CHUNK_BYTES = 8 * 2**20
 
 
-def attention_chunks(batch: int, heads: int, tokens: int, itemsize: int, kv_tokens: int | None = None) -> int:
-    """How many sequential chunks of rows `attention` uses for q [batch, tokens, heads, ·] and k, v with
-    ``kv_tokens`` (default ``tokens``): 1 off CPU, else the fewest chunks (dividing each device's rows) whose
-    score block is at most `ATTENTION_CHUNK_BYTES`."""
+def row_chunks(rows: int, row_bytes: int, budget: int) -> int:
+    """How many sequential chunks of a batch of `rows` rows (each ``row_bytes`` of temporaries) a CPU
+    computation runs in: 1 off CPU, else the fewest chunks (dividing each device's rows, so that
+    `split_rows`' chunks keep their rows on their devices) whose temporaries are at most `budget` bytes;
+    one row a chunk when a row alone is over it."""
     if jax.default_backend() != "cpu":
         return 1
     mesh = jax.sharding.get_abstract_mesh()
     devices = 1 if mesh.empty else mesh.size
-    if batch % devices:
+    if rows % devices:
         return 1
-    local = batch // devices  # rows per device when the batch is split over every device (the most)
-    per_row = heads * tokens * (tokens if kv_tokens is None else kv_tokens) * itemsize  # one row's scores
+    local = rows // devices  # rows per device when the batch is split over every device (the most)
     for n in range(1, local):
-        if local % n == 0 and (local // n) * per_row <= ATTENTION_CHUNK_BYTES:
+        if local % n == 0 and (local // n) * row_bytes <= budget:
             return n
     return local
+
+
+def attention_chunks(batch: int, heads: int, tokens: int, itemsize: int, kv_tokens: int | None = None) -> int:
+    """How many sequential chunks of rows `attention` uses for q [batch, tokens, heads, ·] and k, v with
+    ``kv_tokens`` (default ``tokens``): `row_chunks` with a row's [heads, tokens, kv_tokens] scores against
+    `ATTENTION_CHUNK_BYTES`."""
+    per_row = heads * tokens * (tokens if kv_tokens is None else kv_tokens) * itemsize  # one row's scores
+    return row_chunks(batch, per_row, ATTENTION_CHUNK_BYTES)
 
 
 def _probs(q: Array, k: Array, m: Array | None = None) -> tuple[Array, Array]:
@@ -194,17 +202,18 @@ def _attn_rows_bwd(q, k, v, e, inv_l, out, d_out) -> tuple[Array, Array, Array]:
     return d_q, d_k, d_v
 
 
-def _split_rows(x: Array, n: int) -> Array:
-    """[B, N, H, Dh] → [n, B/n, N, H, Dh], chunk i = rows i, i + n, i + 2n, ... (strided: a batch split over
-    devices in contiguous blocks keeps each chunk's rows on their devices)."""
-    x = jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)  # [n, B/n, N, H, Dh]
+def split_rows(x: Array, n: int, axes: tuple[str | None, ...] = ACT_HEADS) -> Array:
+    """[B, ...] → [n, B/n, ...], chunk i = rows i, i + n, i + 2n, ... (strided: a batch split over devices in
+    contiguous blocks keeps each chunk's rows on their devices); `axes`: the logical axes of x (default
+    attention's [B, N, H, Dh])."""
+    x = jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)  # [n, B/n, ...]
     if jax.sharding.get_abstract_mesh().empty:
         return x
-    return nn.with_logical_constraint(x, (None, *ACT_HEADS))
+    return nn.with_logical_constraint(x, (None, *axes))
 
 
-def _merge_rows(x: Array) -> Array:
-    """Inverse of `_split_rows`: [n, B/n, ...] → [B, ...]."""
+def merge_rows(x: Array) -> Array:
+    """Inverse of `split_rows`: [n, B/n, ...] → [B, ...]."""
     return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
@@ -217,14 +226,14 @@ def _attn_forward(q: Array, k: Array, v: Array) -> tuple[Array, tuple[Array, ...
     if n == 1:
         out, e, _, inv_l = _attn_rows(q, k, v)
         return out, (q, k, v, e, inv_l, out)
-    qkv = tuple(_split_rows(x, n) for x in (q, k, v))  # [n, B/n, N, H, Dh] each
+    qkv = tuple(split_rows(x, n) for x in (q, k, v))  # [n, B/n, N, H, Dh] each
 
     def rows(x: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
         out, _, m, inv_l = _attn_rows(*x)
         return out, m, inv_l
 
     out, m, inv_l = jax.lax.map(rows, qkv)
-    return _merge_rows(out), (*qkv, m, inv_l, out)
+    return merge_rows(out), (*qkv, m, inv_l, out)
 
 
 @jax.custom_vjp
@@ -245,8 +254,8 @@ def _attn_bwd(res: tuple[Array, ...], d_out: Array) -> tuple[Array, Array, Array
         q, k, v, m, inv_l, out, d_out = x
         return _attn_rows_bwd(q, k, v, _probs(q, k, m)[0], inv_l, out, d_out)
 
-    grads = jax.lax.map(rows, (q, k, v, m, inv_l, out, _split_rows(d_out, q.shape[0])))
-    return tuple(_merge_rows(g) for g in grads)
+    grads = jax.lax.map(rows, (q, k, v, m, inv_l, out, split_rows(d_out, q.shape[0])))
+    return tuple(merge_rows(g) for g in grads)
 
 
 attention.defvjp(_attn_forward, _attn_bwd)

@@ -2,12 +2,14 @@
 equal autodiff through the dense similarity matrix (random tokens: no ties), in one backward chunk and in
 several, with and without the minimum; and each head's gradients equal those of the dense formulation."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from bat_jax.models import pooling
+from bat_jax.models import layers, pooling
 from bat_jax.models.probes import l2_normalize, make_probe, min_mid_max, mix_layers
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -19,9 +21,11 @@ def _dense(x, p):
 
 
 @pytest.mark.parametrize("chunk_bytes", [pooling.CHUNK_BYTES, 3 * 7 * 5 * 4], ids=["one_chunk", "chunked"])
+@pytest.mark.parametrize("sim_bytes", [pooling.SIM_CHUNK_BYTES, 2 * 9 * 7 * 4], ids=["fwd_all", "fwd_chunks"])
 @pytest.mark.parametrize("with_min", [True, False])
-def test_values_and_gradients_equal_the_dense_autodiff(monkeypatch, chunk_bytes, with_min):
+def test_values_and_gradients_equal_the_dense_autodiff(monkeypatch, chunk_bytes, sim_bytes, with_min):
     monkeypatch.setattr(pooling, "CHUNK_BYTES", chunk_bytes)  # 3 groups per chunk: 4 chunks of 12 groups
+    monkeypatch.setattr(pooling, "SIM_CHUNK_BYTES", sim_bytes)  # forward: 2 groups per chunk, 6 chunks
     kx, kp, kw = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (12, 9, 5))  # [G, M, D]
     p = jax.random.normal(kp, (7, 5))  # [K, D]
@@ -47,6 +51,51 @@ def test_values_and_gradients_equal_the_dense_autodiff(monkeypatch, chunk_bytes,
     for a, b in zip(g_ours, g_dense, strict=True):
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
     assert np.count_nonzero(np.asarray(g_ours[0])) > 0
+
+
+def _first_arg_token_gradient(x, p, with_min):
+    """d(sum of hi [+ lo])/dx of our pooling, as a [G, M] mask of the tokens that received gradient."""
+    grad = jax.grad(lambda x: sum(jnp.sum(a) for a in pooling.min_max_similarity(x, p, None, with_min)))(x)
+    return np.asarray(jnp.any(grad != 0, axis=-1))
+
+
+@pytest.mark.parametrize("sim_bytes", [pooling.SIM_CHUNK_BYTES, 9 * 7 * 4], ids=["fwd_all", "fwd_chunks"])
+def test_tied_tokens_send_the_gradient_to_the_first_as_argmax(monkeypatch, sim_bytes):
+    """Duplicated tokens tie exactly: the arg-max / arg-min found from the max / min is jnp.argmax's (the
+    first); values equal the dense max / min."""
+    monkeypatch.setattr(pooling, "SIM_CHUNK_BYTES", sim_bytes)
+    x = jax.random.normal(jax.random.key(5), (4, 9, 5))
+    x = x.at[:, 6].set(x[:, 2]).at[:, 8].set(x[:, 2])  # tokens 2, 6 and 8 equal in every group
+    p = jnp.concatenate([x[0, 2:3], -x[0, 2:3], jax.random.normal(jax.random.key(6), (5, 5))])  # [7, D]
+    lo, hi = jax.jit(lambda x, p: pooling.min_max_similarity(x, p))(x, p)
+    d_lo, d_hi = _dense(x, p)
+    np.testing.assert_allclose(hi, d_hi, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(lo, d_lo, rtol=RTOL, atol=ATOL)
+    sim = jnp.einsum("gmd,kd->gmk", x, p)
+    _, _, i_lo, i_hi = pooling._pool(x, p, None, True, True)
+    np.testing.assert_array_equal(i_hi, jnp.argmax(sim, axis=1))
+    np.testing.assert_array_equal(i_lo, jnp.argmin(sim, axis=1))
+    assert int(i_hi[0, 0]) == 2 and int(i_lo[0, 1]) == 2  # prototype 0 is token 2: the first of 2, 6, 8
+    touched = _first_arg_token_gradient(x, p, with_min=True)
+    assert touched[0, 2] and not touched[0, 6] and not touched[0, 8]
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs the suite's 8 simulated CPU devices")
+def test_chunked_forward_with_the_groups_split_over_8_devices(monkeypatch):
+    monkeypatch.setattr(pooling, "SIM_CHUNK_BYTES", 9 * 7 * 4)  # 1 group a chunk: 2 groups per device
+    x = jax.random.normal(jax.random.key(7), (16, 9, 5))
+    p = jax.random.normal(jax.random.key(8), (7, 5))
+    loss = lambda x, p: sum(jnp.sum(jnp.sin(a)) for a in pooling.min_max_similarity(x, p))  # noqa: E731
+    whole = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, p)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    with jax.set_mesh(mesh), nn.logical_axis_rules([("batch", "data")]):
+        assert layers.row_chunks(16, 9 * 7 * 4, pooling.SIM_CHUNK_BYTES) == 2
+        xs = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+        sharded = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(xs, p)
+        text = jax.jit(loss).lower(xs, p).as_text()
+    assert "while" in text  # the chunked forward was traced
+    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(whole), strict=True):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("name", ["cgp", "cgp_patch_avg", "cgp_frame", "protobin"])
