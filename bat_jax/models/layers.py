@@ -168,22 +168,34 @@ def attention_chunks(batch: int, heads: int, tokens: int, itemsize: int, kv_toke
     return row_chunks(batch, per_row, ATTENTION_CHUNK_BYTES)
 
 
+def _scores_axes() -> str:
+    """The axis order of the [B, H, ·, ·] scores and probabilities: keys before queries on CPU ("bhkq"), where
+    the softmax's reductions over the keys then run across the query lanes (XLA:CPU's reductions over the
+    minor axis are 2-4x slower: `benchmarks/RESULTS.md`), queries first elsewhere ("bhqk", the layout fused
+    softmax kernels expect)."""
+    return "bhkq" if jax.default_backend() == "cpu" else "bhqk"
+
+
 def _probs(q: Array, k: Array, m: Array | None = None) -> tuple[Array, Array]:
-    """q, k [B, N, H, Dh] → unnormalised probabilities e = exp(s − m) [B, H, N, N] of the head-major scores
-    s = q kᵀ/√Dh, and the row max m [B, H, N] (computed unless given: the backward's recompute). The scores,
-    their max and exp are float32 whatever q's dtype; e is rounded to q's dtype."""
+    """q, k [B, N, H, Dh] → unnormalised probabilities e = exp(s − m) of the head-major scores s = q kᵀ/√Dh
+    ([B, H, N, N] in `_scores_axes` order), and the row max m [B, H, N] over the keys (computed unless given:
+    the backward's recompute). The scores, their max and exp are float32 whatever q's dtype; e is rounded to
+    q's dtype."""
+    sc = _scores_axes()
+    keys = sc.index("k")
     scale = np.float32(1.0 / np.sqrt(q.shape[-1])).astype(q.dtype)
-    s = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k, preferred_element_type=jnp.float32)  # [B, H, N, N]
-    m = jax.lax.stop_gradient(jnp.max(s, axis=-1)) if m is None else m  # [B, H, N]
-    return jnp.exp(s - m[..., None]).astype(q.dtype), m
+    s = jnp.einsum(f"bqhd,bkhd->{sc}", q * scale, k, preferred_element_type=jnp.float32)
+    m = jax.lax.stop_gradient(jnp.max(s, axis=keys)) if m is None else m  # [B, H, N]
+    return jnp.exp(s - jnp.expand_dims(m, keys)).astype(q.dtype), m
 
 
 def _attn_rows(q: Array, k: Array, v: Array) -> tuple[Array, Array, Array, Array]:
-    """Forward: out [B, N, H, Dh], e [B, H, N, N], row max m and 1 / row sum inv_l [B, H, N]. The softmax is
-    left unnormalised; the division by the row sum is done on the [N, Dh] output, not on the [N, N] e."""
+    """Forward: out [B, N, H, Dh], e, row max m and 1 / row sum inv_l [B, H, N]. The softmax is left
+    unnormalised; the division by the row sum is done on the [N, Dh] output, not on the [N, N] e."""
+    sc = _scores_axes()
     e, m = _probs(q, k)
-    inv_l = 1.0 / jnp.sum(e.astype(jnp.float32), axis=-1).astype(q.dtype)  # [B, H, N]
-    out = jnp.einsum("bhqk,bkhd->bqhd", e, v, preferred_element_type=jnp.float32)  # [B, N, H, Dh]
+    inv_l = 1.0 / jnp.sum(e.astype(jnp.float32), axis=sc.index("k")).astype(q.dtype)  # [B, H, N]
+    out = jnp.einsum(f"{sc},bkhd->bqhd", e, v, preferred_element_type=jnp.float32)  # [B, N, H, Dh]
     out = (out * jnp.swapaxes(inv_l, 1, 2)[..., None]).astype(q.dtype)
     return out, e, m, inv_l
 
@@ -191,14 +203,16 @@ def _attn_rows(q: Array, k: Array, v: Array) -> tuple[Array, Array, Array, Array
 def _attn_rows_bwd(q, k, v, e, inv_l, out, d_out) -> tuple[Array, Array, Array]:
     """Backward from e: rowsum(dP ⊙ P) = rowsum(dO ⊙ O) ([N, Dh] instead of [N, N]) and one fused
     elementwise pass dS = e ⊙ (dP − δ) / l over the scores."""
+    sc = _scores_axes()
+    keys = sc.index("k")
     scale = np.float32(1.0 / np.sqrt(q.shape[-1])).astype(q.dtype)
     inv = jnp.swapaxes(inv_l, 1, 2)[..., None]  # [B, N, H, 1]
-    d_v = jnp.einsum("bhqk,bqhd->bkhd", e, d_out * inv)  # [B, N, H, Dh]
-    delta = jnp.swapaxes(jnp.sum(d_out * out, axis=-1), 1, 2)[..., None]  # [B, H, N, 1]
-    d_p = jnp.einsum("bqhd,bkhd->bhqk", d_out, v)  # [B, H, N, N]
-    d_s = e * (d_p - delta) * inv_l[..., None]  # [B, H, N, N]
-    d_q = jnp.einsum("bhqk,bkhd->bqhd", d_s, k) * scale
-    d_k = jnp.einsum("bhqk,bqhd->bkhd", d_s, q * scale)
+    d_v = jnp.einsum(f"{sc},bqhd->bkhd", e, d_out * inv)  # [B, N, H, Dh]
+    delta = jnp.swapaxes(jnp.sum(d_out * out, axis=-1), 1, 2)  # [B, H, N]
+    d_p = jnp.einsum(f"bqhd,bkhd->{sc}", d_out, v)
+    d_s = e * (d_p - jnp.expand_dims(delta, keys)) * jnp.expand_dims(inv_l, keys)
+    d_q = jnp.einsum(f"{sc},bkhd->bqhd", d_s, k) * scale
+    d_k = jnp.einsum(f"{sc},bqhd->bkhd", d_s, q * scale)
     return d_q, d_k, d_v
 
 

@@ -3,11 +3,16 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from bat_jax.models import layers
 from bat_jax.models.layers import attention, gelu_exact
 
 
-def test_attention_value_and_grads_match_dot_product_attention():
+@pytest.mark.parametrize("axes", ["bhkq", "bhqk"], ids=["keys_major_cpu", "queries_major"])
+def test_attention_value_and_grads_match_dot_product_attention(monkeypatch, axes):
+    """Both orders of the scores' axes (CPU's keys-major and the accelerators' queries-major)."""
+    monkeypatch.setattr(layers, "_scores_axes", lambda: axes)
     q, k, v, ct = (jax.random.normal(key, (2, 7, 3, 8)) * 2 for key in jax.random.split(jax.random.key(0), 4))
 
     def loss(fn):
