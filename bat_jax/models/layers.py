@@ -176,25 +176,26 @@ def _scores_axes() -> str:
     return "bhkq" if jax.default_backend() == "cpu" else "bhqk"
 
 
-def _probs(q: Array, k: Array, m: Array | None = None) -> tuple[Array, Array]:
+def _probs(q: Array, k: Array, m: Array | None = None) -> tuple[Array, Array, Array]:
     """q, k [B, N, H, Dh] → unnormalised probabilities e = exp(s − m) of the head-major scores s = q kᵀ/√Dh
-    ([B, H, N, N] in `_scores_axes` order), and the row max m [B, H, N] over the keys (computed unless given:
-    the backward's recompute). The scores, their max and exp are float32 whatever q's dtype; e is rounded to
-    q's dtype."""
+    ([B, H, N, N] in `_scores_axes` order), the row max m [B, H, N] over the keys (computed unless given: the
+    backward's recompute) and the row sum l [B, H, N] of e. The scores, their max, exp and its sum are float32
+    whatever q's dtype; e is rounded to q's dtype (l sums the unrounded e, as autocast's float32 softmax)."""
     sc = _scores_axes()
     keys = sc.index("k")
     scale = np.float32(1.0 / np.sqrt(q.shape[-1])).astype(q.dtype)
     s = jnp.einsum(f"bqhd,bkhd->{sc}", q * scale, k, preferred_element_type=jnp.float32)
     m = jax.lax.stop_gradient(jnp.max(s, axis=keys)) if m is None else m  # [B, H, N]
-    return jnp.exp(s - jnp.expand_dims(m, keys)).astype(q.dtype), m
+    e = jnp.exp(s - jnp.expand_dims(m, keys))
+    return e.astype(q.dtype), m, jnp.sum(e, axis=keys)
 
 
 def _attn_rows(q: Array, k: Array, v: Array) -> tuple[Array, Array, Array, Array]:
     """Forward: out [B, N, H, Dh], e, row max m and 1 / row sum inv_l [B, H, N]. The softmax is left
     unnormalised; the division by the row sum is done on the [N, Dh] output, not on the [N, N] e."""
     sc = _scores_axes()
-    e, m = _probs(q, k)
-    inv_l = 1.0 / jnp.sum(e.astype(jnp.float32), axis=sc.index("k")).astype(q.dtype)  # [B, H, N]
+    e, m, row_sum = _probs(q, k)
+    inv_l = (1.0 / row_sum).astype(q.dtype)  # [B, H, N]
     out = jnp.einsum(f"{sc},bkhd->bqhd", e, v, preferred_element_type=jnp.float32)  # [B, N, H, Dh]
     out = (out * jnp.swapaxes(inv_l, 1, 2)[..., None]).astype(q.dtype)
     return out, e, m, inv_l
