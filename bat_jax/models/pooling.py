@@ -52,8 +52,14 @@ def _first_index(sim: Array, value: Array) -> Array:
 
 def _pool_rows(x: Array, p: Array, precision, with_min: bool, with_index: bool) -> tuple:
     """(lo, hi, i_lo, i_hi) of x [G, M, D] against p [K, D]; lo and i_lo None unless `with_min`, the
-    indices None unless `with_index`."""
+    indices None unless `with_index`. On CPU the arg tokens come from the max / min (`_first_index`);
+    elsewhere from `jnp.argmax` / `jnp.argmin`, one pass over the similarities each (the same tokens)."""
     sim = _similarities(x, p, precision)  # [G, M, K]
+    if with_index and jax.default_backend() != "cpu":
+        i_hi = jnp.argmax(sim, axis=1)
+        i_lo = jnp.argmin(sim, axis=1) if with_min else None
+        pick = lambda i: jnp.take_along_axis(sim, i[:, None], axis=1)[:, 0]  # noqa: E731
+        return (pick(i_lo) if with_min else None), pick(i_hi), i_lo, i_hi
     hi = jnp.max(sim, axis=1)
     lo = jnp.min(sim, axis=1) if with_min else None
     i_hi = _first_index(sim, hi) if with_index else None

@@ -59,11 +59,16 @@ def _first_arg_token_gradient(x, p, with_min):
     return np.asarray(jnp.any(grad != 0, axis=-1))
 
 
-@pytest.mark.parametrize("sim_bytes", [pooling.SIM_CHUNK_BYTES, 9 * 7 * 4], ids=["fwd_all", "fwd_chunks"])
-def test_tied_tokens_send_the_gradient_to_the_first_as_argmax(monkeypatch, sim_bytes):
-    """Duplicated tokens tie exactly: the arg-max / arg-min found from the max / min is jnp.argmax's (the
-    first); values equal the dense max / min."""
+@pytest.mark.parametrize(
+    "sim_bytes, backend",
+    [(pooling.SIM_CHUNK_BYTES, "cpu"), (9 * 7 * 4, "cpu"), (pooling.SIM_CHUNK_BYTES, "gpu")],
+    ids=["cpu_one_chunk", "cpu_chunks", "accelerator"],
+)
+def test_tied_tokens_send_the_gradient_to_the_first_as_argmax(monkeypatch, sim_bytes, backend):
+    """Duplicated tokens tie exactly: the arg-max / arg-min found from the max / min (CPU) is jnp.argmax's
+    (the first), as on accelerators; values equal the dense max / min."""
     monkeypatch.setattr(pooling, "SIM_CHUNK_BYTES", sim_bytes)
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)  # read at trace time
     x = jax.random.normal(jax.random.key(5), (4, 9, 5))
     x = x.at[:, 6].set(x[:, 2]).at[:, 8].set(x[:, 2])  # tokens 2, 6 and 8 equal in every group
     p = jnp.concatenate([x[0, 2:3], -x[0, 2:3], jax.random.normal(jax.random.key(6), (5, 5))])  # [7, D]
