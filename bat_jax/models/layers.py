@@ -142,12 +142,18 @@ def gelu_exact(x: Array) -> Array:
 ATTENTION_CHUNK_BYTES = 8 * 2**20
 
 
+def on_cpu() -> bool:
+    """Whether the CPU-only code paths apply (row chunks, keys-major attention scores, the pooling's arg
+    tokens): JAX's default backend is the CPU. The one place that decides, for all of them."""
+    return jax.default_backend() == "cpu"
+
+
 def row_chunks(rows: int, row_bytes: int, budget: int) -> int:
     """How many sequential chunks of a batch of `rows` rows (each ``row_bytes`` of temporaries) a CPU
     computation runs in: 1 off CPU, else the fewest chunks (dividing each device's rows, so that
     `split_rows`' chunks keep their rows on their devices) whose temporaries are at most `budget` bytes;
     one row a chunk when a row alone is over it."""
-    if jax.default_backend() != "cpu":
+    if not on_cpu():
         return 1
     mesh = jax.sharding.get_abstract_mesh()
     devices = 1 if mesh.empty else mesh.size
@@ -173,7 +179,7 @@ def _scores_axes() -> str:
     the softmax's reductions over the keys then run across the query lanes (XLA:CPU's reductions over the
     minor axis are 2-4x slower: `benchmarks/RESULTS.md`), queries first elsewhere ("bhqk", the layout fused
     softmax kernels expect)."""
-    return "bhkq" if jax.default_backend() == "cpu" else "bhqk"
+    return "bhkq" if on_cpu() else "bhqk"
 
 
 def _probs(q: Array, k: Array, m: Array | None = None) -> tuple[Array, Array, Array]:

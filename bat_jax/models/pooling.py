@@ -55,7 +55,7 @@ def _pool_rows(x: Array, p: Array, precision, with_min: bool, with_index: bool) 
     indices None unless `with_index`. On CPU the arg tokens come from the max / min (`_first_index`);
     elsewhere from `jnp.argmax` / `jnp.argmin`, one pass over the similarities each (the same tokens)."""
     sim = _similarities(x, p, precision)  # [G, M, K]
-    if with_index and jax.default_backend() != "cpu":
+    if with_index and not layers.on_cpu():
         i_hi = jnp.argmax(sim, axis=1)
         i_lo = jnp.argmin(sim, axis=1) if with_min else None
         pick = lambda i: jnp.take_along_axis(sim, i[:, None], axis=1)[:, 0]  # noqa: E731
