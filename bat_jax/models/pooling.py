@@ -83,12 +83,12 @@ def _pool(x: Array, p: Array, precision, with_min: bool, with_index: bool) -> tu
 def min_max_similarity(x: Array, p: Array, precision=None, with_min: bool = True) -> tuple[Array, Array]:
     """x [G, M, D], p [K, D] → (min over m, max over m) of x·pᵀ, each [G, K] (min is zeros when not
     `with_min`: ProtoBin pools the maximum only)."""
-    lo, hi, _, _ = _pool(x, p.astype(x.dtype), precision, with_min, with_index=False)
+    lo, hi, _, _ = _pool(x, p, precision, with_min, with_index=False)
     return (jnp.zeros_like(hi) if lo is None else lo), hi
 
 
 def _fwd(x, p, precision, with_min):
-    lo, hi, i_lo, i_hi = _pool(x, p.astype(x.dtype), precision, with_min, with_index=True)
+    lo, hi, i_lo, i_hi = _pool(x, p, precision, with_min, with_index=True)
     return ((jnp.zeros_like(hi) if lo is None else lo), hi), (x, p, i_lo, i_hi)
 
 
